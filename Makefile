@@ -1,0 +1,15 @@
+# One entry point for users and CI. Every target sets up the environment first (quick when done).
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+export VENV
+
+.PHONY: setup test benchmark
+
+setup:
+	bash scripts/setup_env.sh
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+benchmark: setup
+	$(PYTHON) benchmarks/attention.py

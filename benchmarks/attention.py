@@ -1,0 +1,396 @@
+"""Attention speed and memory: fairseq softmax, torch SDPA, linear, cosFormer and LeaP.
+
+Forward+backward time and peak memory against sequence length, causal and bidirectional, and
+per-token decode time against position (softmax with a key/value cache vs LeaP's recurrent
+state). Every measurement runs in its own child process, so peak memory is that of one
+configuration and an out-of-memory softmax is recorded instead of ending the run.
+
+    python benchmarks/attention.py                      # CPU, full sweep (make benchmark)
+    python benchmarks/attention.py --device cuda        # GPU, when one is available
+    python benchmarks/attention.py --lengths 256,1024 --decode-positions 1,64 --repeats 2
+
+Writes ``attention_<device>.{json,md,png}`` under ``--out`` (default benchmarks/results).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fairseq.modules import MultiheadAttention  # noqa: E402
+
+from leapformer_fairseq.modules import LeaPMultiheadAttention  # noqa: E402
+from leapformer_fairseq.profiling import peak_rss_increase  # noqa: E402
+
+METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosformer", "leap")
+DECODE_METHODS = ("fairseq_softmax", "leap")
+BASELINE = "fairseq_softmax"
+LABELS = {
+    "fairseq_softmax": "fairseq softmax (need_weights=False)",
+    "fairseq_softmax_weights": "fairseq softmax (need_weights=True)",
+    "sdpa": "torch SDPA",
+    "linear": "linear",
+    "cosformer": "cosFormer",
+    "leap": "LeaP",
+}
+
+
+class SDPAAttention(nn.Module):
+    """Projections around ``torch.nn.functional.scaled_dot_product_attention``; T x B x C."""
+
+    def __init__(self, embed_dim: int, num_heads: int, causal: bool):
+        super().__init__()
+        self.num_heads, self.causal = num_heads, causal
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length, bsz, embed_dim = x.shape
+        q, k, v = (
+            t.reshape(length, bsz, self.num_heads, -1).permute(1, 2, 0, 3)
+            for t in self.qkv(x).chunk(3, dim=-1)
+        )
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, bsz, embed_dim))
+
+
+def build_step(method: str, causal: bool, args, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A closure running one forward pass of ``method`` on ``x`` (T x B x C)."""
+    if method == "sdpa":
+        module = SDPAAttention(args.embed_dim, args.heads, causal).to(x.device)
+        return lambda: module(x)
+    if method.startswith("fairseq_softmax"):
+        module = MultiheadAttention(args.embed_dim, args.heads, self_attention=True).to(x.device)
+        need_weights = method == "fairseq_softmax_weights"
+        mask = None
+        if causal:
+            length = x.size(0)
+            future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            mask = torch.zeros(length, length, device=x.device).masked_fill(future, float("-inf"))
+        return lambda: module(x, x, x, attn_mask=mask, need_weights=need_weights)[0]
+    module = LeaPMultiheadAttention(
+        args.embed_dim, args.heads, self_attention=True, attn_type=method, causal=causal,
+        chunk_size=args.chunk_size,
+    ).to(x.device)
+    return lambda: module(x, x, x, need_weights=False)[0]
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_train(method: str, causal: bool, length: int, args) -> Dict:
+    """Forward+backward: median time over ``repeats`` and peak memory of one pass."""
+    torch.manual_seed(0)
+    x = torch.randn(length, args.batch, args.embed_dim, device=args.device, requires_grad=True)
+    forward = build_step(method, causal, args, x)
+
+    def forward_backward():
+        forward().sum().backward()
+        x.grad = None
+        synchronize(args.device)
+
+    forward_backward()  # warm-up
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        forward_backward()
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak, _ = peak_rss_increase(forward_backward)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        forward_backward()
+        times.append(time.perf_counter() - start)
+    return {"time_s": statistics.median(times), "peak_bytes": peak}
+
+
+def measure_decode(method: str, position: int, args) -> Dict:
+    """Per-token decode time at ``position`` and the bytes held by the incremental state."""
+    torch.manual_seed(0)
+    device, embed_dim = args.device, args.embed_dim
+    if method == "fairseq_softmax":
+        module = MultiheadAttention(embed_dim, args.heads, self_attention=True)
+    else:
+        module = LeaPMultiheadAttention(embed_dim, args.heads, self_attention=True,
+                                        attn_type=method, causal=True)
+    module = module.to(device).eval()
+    state: Dict = {}
+    with torch.no_grad():
+        if position > 1:  # fill the cache / state with position - 1 earlier tokens
+            prefix = torch.randn(position - 1, 1, embed_dim, device=device)
+            module(prefix, prefix, prefix, incremental_state=state, need_weights=False)
+        tokens = torch.randn(args.decode_steps + 5, 1, 1, embed_dim, device=device)
+        times = []
+        for i, token in enumerate(tokens):
+            synchronize(device)
+            start = time.perf_counter()
+            module(token, token, token, incremental_state=state, need_weights=False)
+            synchronize(device)
+            if i >= 5:  # the first steps warm up
+                times.append(time.perf_counter() - start)
+    buffer = module._get_input_buffer(state)
+    state_bytes = sum(t.numel() * t.element_size() for t in buffer.values() if t is not None)
+    return {"step_time_s": statistics.median(times), "state_bytes": state_bytes}
+
+
+def run_child(task: Dict, args) -> Dict:
+    """Run one measurement in a fresh process under an address-space limit."""
+    command = [sys.executable, __file__, "--child", json.dumps(task)] + args.passthrough
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {args.child_timeout}s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
+        return {"error": "out of memory" if "alloc" in tail.lower() else tail[-200:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_main(task: Dict, args) -> None:
+    if args.device == "cpu" and args.memory_limit_gb > 0:
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if task["kind"] == "train":
+        result = measure_train(task["method"], task["causal"], task["length"], args)
+    else:
+        result = measure_decode(task["method"], task["position"], args)
+    print(json.dumps(result))
+
+
+def machine_description(device: str) -> Dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    return None if not numerator or not denominator else numerator / denominator
+
+
+def summarise(train: List[Dict], decode: List[Dict], lengths: List[int]) -> Dict:
+    """Ratios against fairseq softmax at the longest length every method finished."""
+    def lookup(method, causal, length, key):
+        for row in train:
+            if (row["method"], row["causal"], row["length"]) == (method, causal, length):
+                return row.get(key)
+        return None
+
+    summary = {}
+    for causal in (True, False):
+        finished = [n for n in lengths
+                    if all(lookup(m, causal, n, "time_s") for m in (BASELINE, "leap"))]
+        if not finished:
+            continue
+        n = max(finished)
+        name = "causal" if causal else "bidirectional"
+        summary[name] = {
+            "length": n,
+            "leap_speedup_vs_fairseq_softmax": ratio(lookup(BASELINE, causal, n, "time_s"),
+                                                     lookup("leap", causal, n, "time_s")),
+            "leap_memory_saving_vs_fairseq_softmax": ratio(
+                lookup(BASELINE, causal, n, "peak_bytes"), lookup("leap", causal, n, "peak_bytes")),
+            "leap_memory_saving_vs_fairseq_softmax_weights": ratio(
+                lookup("fairseq_softmax_weights", causal, n, "peak_bytes"),
+                lookup("leap", causal, n, "peak_bytes")),
+            "leap_speedup_vs_sdpa": ratio(lookup("sdpa", causal, n, "time_s"),
+                                          lookup("leap", causal, n, "time_s")),
+            "leap_time_vs_cosformer": ratio(lookup("leap", causal, n, "time_s"),
+                                            lookup("cosformer", causal, n, "time_s")),
+        }
+    leap_steps = {row["position"]: row["step_time_s"] for row in decode
+                  if row["method"] == "leap" and "step_time_s" in row}
+    if leap_steps:
+        first, last = min(leap_steps), max(leap_steps)
+        summary["decode"] = {"first_position": first, "last_position": last,
+                             "leap_step_time_ratio_last_vs_first": ratio(leap_steps[last],
+                                                                         leap_steps[first])}
+        if 64 in leap_steps and 4096 in leap_steps:
+            summary["decode"]["leap_step_time_ratio_4096_vs_64"] = ratio(leap_steps[4096],
+                                                                         leap_steps[64])
+    return summary
+
+
+def fmt_time(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def fmt_mib(num_bytes: Optional[float]) -> str:
+    return "-" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
+
+
+def markdown(report: Dict) -> str:
+    lines = [f"# Attention benchmark ({report['device']})", "",
+             f"Command: `{report['command']}`", "",
+             "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
+             f"Model: d_model {report['config']['embed_dim']}, {report['config']['heads']} heads, "
+             f"batch {report['config']['batch']}, chunk {report['config']['chunk_size']}; "
+             f"time is the median of {report['config']['repeats']} forward+backward passes; "
+             "memory is the peak rise during one pass "
+             + ("(RSS)." if report["device"] == "cpu" else "(CUDA allocator)."), ""]
+    lengths = report["config"]["lengths"]
+    for causal in (True, False):
+        for key, title, fmt in (("time_s", "forward+backward time (ms)", fmt_time),
+                                ("peak_bytes", "peak memory (MiB)", fmt_mib)):
+            lines += [f"## {'Causal' if causal else 'Bidirectional'}: {title}", "",
+                      "| method | " + " | ".join(str(n) for n in lengths) + " |",
+                      "|---|" + "---|" * len(lengths)]
+            for method in METHODS:
+                cells = []
+                for n in lengths:
+                    row = next(r for r in report["train"] if (r["method"], r["causal"],
+                                                               r["length"]) == (method, causal, n))
+                    cells.append(fmt(row.get(key)) if "error" not in row else row["error"])
+                lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+            lines.append("")
+    positions = report["config"]["decode_positions"]
+    lines += ["## Decode: time per token (ms) and state size (KiB)", "",
+              "| method | " + " | ".join(str(p) for p in positions) + " |",
+              "|---|" + "---|" * len(positions)]
+    for method in DECODE_METHODS:
+        rows = [next(r for r in report["decode"] if (r["method"], r["position"]) == (method, p))
+                for p in positions]
+        lines.append(f"| {LABELS[method]} step | "
+                     + " | ".join(fmt_time(r.get("step_time_s")) for r in rows) + " |")
+        lines.append(f"| {LABELS[method]} state | "
+                     + " | ".join("-" if "state_bytes" not in r else f"{r['state_bytes'] / 1024:.0f}"
+                                  for r in rows) + " |")
+    lines += ["", "## Summary (ratios measured in this run)", "", "```",
+              json.dumps(report["summary"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def plot(report: Dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(26, 5))
+    panels = [(True, "time_s", 1e3, "causal fwd+bwd (ms)"),
+              (False, "time_s", 1e3, "bidirectional fwd+bwd (ms)"),
+              (True, "peak_bytes", 2**-20, "causal peak memory (MiB)"),
+              (False, "peak_bytes", 2**-20, "bidirectional peak memory (MiB)")]
+    for axis, (causal, key, scale, title) in zip(axes, panels):
+        for method in METHODS:
+            rows = [r for r in report["train"] if r["method"] == method and r["causal"] == causal
+                    and r.get(key) is not None]
+            axis.plot([r["length"] for r in rows], [r[key] * scale for r in rows], marker="o",
+                      label=LABELS[method])
+        axis.set(xscale="log", yscale="log", xlabel="sequence length", title=title)
+    axes[0].legend(fontsize=8)
+    for method in DECODE_METHODS:
+        rows = [r for r in report["decode"] if r["method"] == method and "step_time_s" in r]
+        axes[4].plot([r["position"] for r in rows], [r["step_time_s"] * 1e3 for r in rows],
+                     marker="o", label=LABELS[method])
+    axes[4].set(xscale="log", xlabel="position", title="decode step (ms)")
+    axes[4].legend(fontsize=8)
+    fig.suptitle(f"Attention benchmark on {report['device']}: {report['machine'].get('gpu') or report['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192,16384")
+    parser.add_argument("--decode-positions", default="1,16,64,256,1024,4096,8192")
+    parser.add_argument("--embed-dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=200)
+    parser.add_argument("--memory-limit-gb", type=float, default=18.0,
+                        help="address-space limit of each CPU child (0: none)")
+    parser.add_argument("--child-timeout", type=int, default=900)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    args.passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child_main(json.loads(args.child), args)
+        return
+    lengths = [int(n) for n in args.lengths.split(",")]
+    positions = [int(p) for p in args.decode_positions.split(",")]
+    train = []
+    for causal in (True, False):
+        for method in METHODS:
+            for length in lengths:
+                task = {"kind": "train", "method": method, "causal": causal, "length": length}
+                result = run_child(task, args)
+                train.append({**task, **result})
+                print(f"[train] {'causal' if causal else 'bidir '} {method:24s} n={length:6d} "
+                      f"time {fmt_time(result.get('time_s'))} ms  "
+                      f"peak {fmt_mib(result.get('peak_bytes'))} MiB {result.get('error', '')}",
+                      flush=True)
+    decode = []
+    for method in DECODE_METHODS:
+        for position in positions:
+            task = {"kind": "decode", "method": method, "position": position}
+            result = run_child(task, args)
+            decode.append({**task, **result})
+            print(f"[decode] {method:16s} position {position:5d} step "
+                  f"{fmt_time(result.get('step_time_s'))} ms  state "
+                  f"{result.get('state_bytes', '-')} B {result.get('error', '')}", flush=True)
+    report = {
+        "device": args.device,
+        "command": " ".join(["python", "benchmarks/attention.py", *args.passthrough]),
+        "machine": machine_description(args.device),
+        "config": {"lengths": lengths, "decode_positions": positions,
+                   "embed_dim": args.embed_dim, "heads": args.heads, "batch": args.batch,
+                   "chunk_size": args.chunk_size, "repeats": args.repeats,
+                   "decode_steps": args.decode_steps},
+        "train": train,
+        "decode": decode,
+        "summary": summarise(train, decode, lengths),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"attention_{args.device}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    stem.with_suffix(".md").write_text(table)
+    plot(report, stem.with_suffix(".png"))
+    print(table)
+    print(f"wrote {stem}.json, .md and .png")
+
+
+if __name__ == "__main__":
+    main()

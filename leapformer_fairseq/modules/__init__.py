@@ -1,0 +1,14 @@
+"""Drop-in ``nn.Module``s with fairseq's call signature and ``incremental_state``."""
+from .leap_multihead_attention import (
+    ATTN_TYPES,
+    LINEAR_ATTN_TYPES,
+    LeaPMultiheadAttention,
+    leap_proportion_mlp,
+)
+
+__all__ = [
+    "ATTN_TYPES",
+    "LINEAR_ATTN_TYPES",
+    "LeaPMultiheadAttention",
+    "leap_proportion_mlp",
+]

@@ -1,0 +1,401 @@
+"""``LeaPMultiheadAttention``: a drop-in for fairseq's ``MultiheadAttention`` with LeaP attention.
+
+The module subclasses fairseq's attention, so parameter names (``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``), the call signature and ``incremental_state`` handling are fairseq's. ``softmax``
+delegates to fairseq unchanged; the three linear types (``leap``, ``cosformer``, ``linear``) run
+the forms in :mod:`leapformer_fairseq.ops` and never build an ``L x L`` matrix.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from fairseq.modules import MultiheadAttention
+from torch import Tensor, nn
+
+from leapformer_fairseq import ops
+
+ATTN_TYPES = ("leap", "cosformer", "linear", "softmax")
+LINEAR_ATTN_TYPES = ("leap", "cosformer", "linear")
+
+IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+
+
+def leap_proportion_mlp(head_dim: int, leap_factor: int) -> nn.Sequential:
+    """``LeaP(u) = sigmoid(W2 relu(W1 u + b1) + b2)``, ``W1: d -> d / leap_factor``, ``W2: -> 1``."""
+    hidden = max(1, head_dim // leap_factor)
+    return nn.Sequential(
+        nn.Linear(head_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid()
+    )
+
+
+class LeaPMultiheadAttention(MultiheadAttention):
+    """Multi-head attention whose scores are LeaP, cosFormer, plain linear or softmax.
+
+    Args (beyond fairseq's ``embed_dim``, ``num_heads``, ``kdim``, ``vdim``, ``dropout``, ``bias``,
+    ``self_attention``, ``encoder_decoder_attention``):
+        attn_type: one of ``leap``, ``cosformer``, ``linear``, ``softmax``.
+        leap_factor: LeaP MLP hidden size is ``head_dim // leap_factor``.
+        eps: the denominator clamp ``max(sum_j s_ij, eps)`` of the linear types.
+        chunk_size: chunk length of the causal chunked form.
+        causal: self-attention where token i sees tokens ``j <= i``. fairseq's future mask passed
+            as ``attn_mask`` selects the same thing.
+        cosformer_max_positions: the fixed ``M`` of cosFormer's ``p_i = i / M``.
+
+    For the linear types, ``dropout`` is applied to the values (attention weights are never
+    formed), so evaluation-mode outputs are deterministic; ``need_weights`` returns ``None``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        self_attention: bool = False,
+        encoder_decoder_attention: bool = False,
+        attn_type: str = "leap",
+        leap_factor: int = 4,
+        eps: float = 0.1,
+        chunk_size: int = 64,
+        causal: bool = False,
+        cosformer_max_positions: int = 1024,
+        **fairseq_kwargs,
+    ):
+        if attn_type not in ATTN_TYPES:
+            raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
+        if attn_type in LINEAR_ATTN_TYPES:
+            unsupported = [
+                name
+                for name in ("add_bias_kv", "add_zero_attn", "xformers_att_config")
+                if fairseq_kwargs.get(name)
+            ]
+            if unsupported:
+                raise ValueError(f"attn_type={attn_type!r} does not support {unsupported}")
+        if leap_factor < 1:
+            raise ValueError(f"leap_factor must be >= 1, got {leap_factor}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if causal and not self_attention:
+            raise ValueError("causal=True needs self_attention=True")
+        super().__init__(
+            embed_dim,
+            num_heads,
+            kdim=kdim,
+            vdim=vdim,
+            dropout=dropout,
+            bias=bias,
+            self_attention=self_attention,
+            encoder_decoder_attention=encoder_decoder_attention,
+            **fairseq_kwargs,
+        )
+        self.attn_type = attn_type
+        self.leap_factor = leap_factor
+        self.eps = eps
+        self.chunk_size = chunk_size
+        self.causal = causal
+        self.cosformer_max_positions = cosformer_max_positions
+        if attn_type == "leap":
+            self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor)
+            self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor)
+
+    def extra_repr(self) -> str:
+        return f"attn_type={self.attn_type}, causal={self.causal}, eps={self.eps}"
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor],
+        value: Optional[Tensor],
+        key_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[IncrementalState] = None,
+        need_weights: bool = True,
+        static_kv: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        before_softmax: bool = False,
+        need_head_weights: bool = False,
+        key_limit: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """fairseq's signature; tensors are ``T x B x C``.
+
+        Args:
+            key_padding_mask: ``(B, S)`` bool, True at padding.
+            incremental_state: recurrent state per layer (linear types) or fairseq's key/value
+                cache (softmax). For cross-attention with ``static_kv`` the source sums are
+                cached once; with ``static_kv=False`` the given keys are appended to them
+                (a growing, streamed source).
+            attn_mask: fairseq's future mask; the linear types accept only that mask.
+            key_limit: ``(T,)`` or ``(B, T)``: query i sees the first ``key_limit[i]`` keys
+                (wait-k cross-attention, chunk-causal self-attention).
+        Returns:
+            ``(T, B, C)`` output and the attention weights (``None`` for the linear types).
+        """
+        if self.attn_type == "softmax":
+            return self._softmax_forward(
+                query, key, value, key_padding_mask, incremental_state, need_weights,
+                static_kv, attn_mask, before_softmax, need_head_weights, key_limit,
+            )
+        if before_softmax:
+            raise ValueError(f"before_softmax has no meaning for attn_type={self.attn_type!r}")
+        causal = self.causal
+        if attn_mask is not None:
+            if not (self.self_attention and self._is_future_mask(attn_mask, query.size(0))):
+                raise ValueError(
+                    f"attn_type={self.attn_type!r} accepts only fairseq's future mask as "
+                    "attn_mask; use key_limit for prefix-limited attention"
+                )
+            causal = True
+        if incremental_state is not None:
+            if key_limit is not None:
+                raise ValueError("key_limit is a training-time mask; incremental steps "
+                                 "see exactly the keys pushed so far")
+            if self.self_attention:
+                out = self._self_attention_step(query, key_padding_mask, incremental_state)
+            else:
+                out = self._cross_attention_step(
+                    query, key, value, key_padding_mask, incremental_state, static_kv
+                )
+        elif self.self_attention:
+            out = self._self_attention(query, key_padding_mask, causal, key_limit)
+        else:
+            out = self._cross_attention(query, key, value, key_padding_mask, key_limit)
+        return self._merge_heads(out, query.size(1)), None
+
+    # --------------------------------------------------------------- parallel forms
+    def _self_attention(
+        self, x: Tensor, padding_mask: Optional[Tensor], causal: bool, key_limit: Optional[Tensor]
+    ) -> Tensor:
+        positions = self._positions(padding_mask, x.size(0), x.size(1), x.device)
+        q = self._features(self._split_heads(self.q_proj(x) * self.scaling), "q", positions)
+        k = self._features(self._split_heads(self.k_proj(x)), "k", positions)
+        v = self.dropout_module(self._split_heads(self.v_proj(x)))
+        mask = self._per_head(padding_mask)
+        if key_limit is not None:
+            return ops.prefix_linear_attention(
+                q, k, v, self._per_head(key_limit), mask, mask, self.eps
+            )
+        if causal:
+            out, _ = ops.causal_linear_attention(q, k, v, self.chunk_size, mask, self.eps)
+            return out if mask is None else out.masked_fill(mask[..., None], 0.0)
+        return ops.bidirectional_linear_attention(q, k, v, mask, mask, self.eps)
+
+    def _cross_attention(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        key_limit: Optional[Tensor],
+    ) -> Tensor:
+        bsz = query.size(1)
+        q_positions = self._positions(None, query.size(0), bsz, query.device)
+        k_positions = self._positions(key_padding_mask, key.size(0), bsz, key.device)
+        q = self._features(self._split_heads(self.q_proj(query) * self.scaling), "q", q_positions)
+        k = self._features(self._split_heads(self.k_proj(key)), "k", k_positions)
+        v = self.dropout_module(self._split_heads(self.v_proj(value)))
+        mask = self._per_head(key_padding_mask)
+        if key_limit is not None:
+            return ops.prefix_linear_attention(
+                q, k, v, self._per_head(key_limit), mask, None, self.eps
+            )
+        return ops.bidirectional_linear_attention(q, k, v, mask, None, self.eps)
+
+    # ------------------------------------------------------------ incremental forms
+    def _self_attention_step(
+        self, x: Tensor, padding_mask: Optional[Tensor], incremental_state: IncrementalState
+    ) -> Tensor:
+        """Advance the causal recurrent state by ``T >= 1`` new tokens; no key/value cache."""
+        buffer = self._get_input_buffer(incremental_state)
+        state, position = self._load_state(buffer, x.size(1), "position", x)
+        positions = self._positions(padding_mask, x.size(0), x.size(1), x.device, position)
+        q = self._features(self._split_heads(self.q_proj(x) * self.scaling), "q", positions)
+        k = self._features(self._split_heads(self.k_proj(x)), "k", positions)
+        v = self.dropout_module(self._split_heads(self.v_proj(x)))
+        mask = self._per_head(padding_mask)
+        if x.size(0) == 1 and mask is None:
+            state, out = ops.recurrent_step(state, q[:, 0], k[:, 0], v[:, 0], self.eps)
+            out = out.unsqueeze(1)
+        else:
+            out, state = ops.causal_linear_attention(
+                q, k, v, self.chunk_size, mask, self.eps, initial_state=state
+            )
+        self._store_state(buffer, state, position + self._count_tokens(x, padding_mask), "position")
+        self._set_input_buffer(incremental_state, buffer)
+        return out
+
+    def _cross_attention_step(
+        self,
+        query: Tensor,
+        key: Optional[Tensor],
+        value: Optional[Tensor],
+        key_padding_mask: Optional[Tensor],
+        incremental_state: IncrementalState,
+        static_kv: bool,
+    ) -> Tensor:
+        """Read the source sums with new target queries.
+
+        With ``static_kv`` the sums over ``key`` are computed once and cached; otherwise ``key``
+        holds new source units that extend the cached sums (``None`` adds nothing).
+        """
+        bsz = query.size(1)
+        buffer = self._get_input_buffer(incremental_state)
+        has_source = "kv_state" in buffer
+        state, key_position = self._load_state(buffer, bsz, "key_position", query)
+        if key is not None and not (static_kv and has_source):
+            k_positions = self._positions(
+                key_padding_mask, key.size(0), bsz, key.device, key_position
+            )
+            k = self._features(self._split_heads(self.k_proj(key)), "k", k_positions)
+            v = self._split_heads(self.v_proj(value))
+            state = ops.update_state(state, k, v, self._per_head(key_padding_mask))
+            key_position = key_position + self._count_tokens(key, key_padding_mask)
+        query_position = buffer.get("query_position")
+        if query_position is None:
+            query_position = torch.zeros(bsz, device=query.device)
+        q_positions = self._positions(None, query.size(0), bsz, query.device, query_position)
+        q = self._features(self._split_heads(self.q_proj(query) * self.scaling), "q", q_positions)
+        out = ops.query_state(state, q, self.eps)
+        self._store_state(buffer, state, key_position, "key_position")
+        buffer["query_position"] = query_position + query.size(0)
+        self._set_input_buffer(incremental_state, buffer)
+        return out
+
+    def reorder_incremental_state(
+        self, incremental_state: Optional[IncrementalState], new_order: Tensor
+    ) -> Optional[IncrementalState]:
+        """Beam search: reorder every buffered tensor (all are batch-first)."""
+        if self.attn_type == "softmax":
+            return super().reorder_incremental_state(incremental_state, new_order)
+        buffer = self._get_input_buffer(incremental_state)
+        if buffer:
+            for name, tensor in buffer.items():
+                if tensor is not None:
+                    buffer[name] = tensor.index_select(0, new_order)
+            incremental_state = self._set_input_buffer(incremental_state, buffer)
+        return incremental_state
+
+    # ------------------------------------------------------------------- helpers
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """``(L, B, C) -> (B * H, L, head_dim)``."""
+        length, bsz, _ = x.shape
+        return x.reshape(length, bsz * self.num_heads, self.head_dim).transpose(0, 1)
+
+    def _merge_heads(self, x: Tensor, bsz: int) -> Tensor:
+        """``(B * H, L, head_dim) -> (L, B, C)``, then the output projection."""
+        length = x.size(1)
+        x = x.transpose(0, 1).reshape(length, bsz, self.embed_dim)
+        return self.out_proj(x)
+
+    def _per_head(self, x: Optional[Tensor]) -> Optional[Tensor]:
+        """Repeat a per-sentence ``(B, ...)`` tensor for every head: ``(B * H, ...)``.
+
+        A ``(T,)`` key limit shared by the batch passes through unchanged.
+        """
+        if x is None or x.dim() == 1:
+            return x
+        return x.repeat_interleave(self.num_heads, dim=0)
+
+    @staticmethod
+    def _count_tokens(x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        """Non-pad tokens per sentence in a ``(L, B, C)`` block: ``(B,)`` float."""
+        if padding_mask is None:
+            return torch.full((x.size(1),), float(x.size(0)), device=x.device)
+        return (~padding_mask).sum(dim=1).to(torch.float32)
+
+    def _positions(
+        self,
+        padding_mask: Optional[Tensor],
+        length: int,
+        bsz: int,
+        device: torch.device,
+        start: Optional[Tensor] = None,
+    ) -> Optional[Tensor]:
+        """Token positions ``(B, L)`` for cosFormer (``None`` for the other types)."""
+        if self.attn_type != "cosformer":
+            return None
+        if padding_mask is None:
+            padding_mask = torch.zeros(bsz, length, dtype=torch.bool, device=device)
+        return ops.positions_from_padding(padding_mask, 0 if start is None else start)
+
+    def _features(self, x: Tensor, side: str, positions: Optional[Tensor]) -> Tensor:
+        """``(B * H, L, d)`` projections -> features ``phi``: ``(B * H, L, d)`` or ``(.., 2d)``."""
+        x = ops.relu_features(x)
+        if self.attn_type == "linear":
+            return x
+        if self.attn_type == "leap":
+            mlp = self.leap_q if side == "q" else self.leap_k
+            proportion = mlp(x).squeeze(-1)
+        else:
+            proportion = self._per_head(
+                ops.cosformer_proportions(positions, self.cosformer_max_positions)
+            ).to(x.dtype)
+        return ops.sincos_features(x, proportion)
+
+    def _feature_dim(self) -> int:
+        return self.head_dim if self.attn_type == "linear" else 2 * self.head_dim
+
+    def _load_state(
+        self, buffer: Dict[str, Optional[Tensor]], bsz: int, position_name: str, like: Tensor
+    ) -> Tuple[ops.LinearAttentionState, Tensor]:
+        """The ``(B * H, ...)`` recurrent state and position counter ``(B,)`` from a buffer;
+        an empty state on ``like``'s device, for ``like``'s dtype, if the buffer has none."""
+        if "kv_state" not in buffer:
+            state = ops.empty_state(
+                bsz * self.num_heads, self._feature_dim(), self.head_dim, like.device, like.dtype
+            )
+            return state, torch.zeros(bsz, device=like.device)
+        kv, k_sum = buffer["kv_state"], buffer["k_sum"]
+        state = ops.LinearAttentionState(
+            kv=kv.reshape(bsz * self.num_heads, *kv.shape[2:]),
+            k_sum=k_sum.reshape(bsz * self.num_heads, k_sum.shape[-1]),
+        )
+        return state, buffer[position_name]
+
+    def _store_state(
+        self,
+        buffer: Dict[str, Optional[Tensor]],
+        state: ops.LinearAttentionState,
+        position: Optional[Tensor],
+        position_name: str,
+    ) -> None:
+        """Keep the state batch-first, ``(B, H, ...)``, so beam reordering is one index_select."""
+        bsz = state.kv.size(0) // self.num_heads
+        buffer["kv_state"] = state.kv.reshape(bsz, self.num_heads, *state.kv.shape[1:])
+        buffer["k_sum"] = state.k_sum.reshape(bsz, self.num_heads, state.k_sum.shape[-1])
+        buffer[position_name] = position
+
+    @staticmethod
+    def _is_future_mask(attn_mask: Tensor, length: int) -> bool:
+        """True if ``attn_mask`` blocks exactly the keys after each query (fairseq's future mask)."""
+        if attn_mask.shape != (length, length):
+            return False
+        blocked = attn_mask if attn_mask.dtype == torch.bool else torch.isinf(attn_mask)
+        future = torch.ones(length, length, dtype=torch.bool, device=attn_mask.device).triu(1)
+        return torch.equal(blocked, future)
+
+    # ------------------------------------------------------------------- softmax
+    def _softmax_forward(
+        self, query, key, value, key_padding_mask, incremental_state, need_weights,
+        static_kv, attn_mask, before_softmax, need_head_weights, key_limit,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """fairseq's attention, with ``causal`` and ``key_limit`` turned into fairseq masks."""
+        blocked = None
+        if self.causal and incremental_state is None and attn_mask is None:
+            length = query.size(0)
+            blocked = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+        if key_limit is not None:
+            source_length = query.size(0) if key is None else key.size(0)
+            key_index = torch.arange(source_length, device=query.device)
+            beyond = key_index >= self._per_head(key_limit).unsqueeze(-1)
+            blocked = beyond if blocked is None else (blocked | beyond)
+        if blocked is not None:
+            extra = torch.zeros(blocked.shape, dtype=query.dtype, device=query.device)
+            extra = extra.masked_fill(blocked, float("-inf"))
+            attn_mask = extra if attn_mask is None else attn_mask + extra
+        return super().forward(
+            query, key, value, key_padding_mask=key_padding_mask,
+            incremental_state=incremental_state, need_weights=need_weights, static_kv=static_kv,
+            attn_mask=attn_mask, before_softmax=before_softmax,
+            need_head_weights=need_head_weights,
+        )

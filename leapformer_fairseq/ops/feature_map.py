@@ -1,0 +1,51 @@
+"""Feature maps of LEAP.md §1-2: relu features and the sin/cos re-weighting by proportions.
+
+With ``phi(x, p) = [sin(pi p / 2) x, cos(pi p / 2) x]`` the LeaP score
+``(q~ . k~) cos(pi/2 (p - p'))`` equals ``phi(q~, p) . phi(k~, p')``, so every linear-attention
+form applies unchanged to the 2d-dimensional features.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def relu_features(x: Tensor) -> Tensor:
+    """The non-negative feature map ``x~ = relu(x)``; any shape."""
+    return F.relu(x)
+
+
+def sincos_features(features: Tensor, proportion: Tensor) -> Tensor:
+    """Re-weight non-negative features by a proportion in (0, 1).
+
+    Args:
+        features: ``(..., L, d)``, non-negative.
+        proportion: ``(..., L)``, one proportion per row.
+    Returns:
+        ``(..., L, 2d)``: ``[sin(pi p / 2) x, cos(pi p / 2) x]``.
+    """
+    angle = proportion.unsqueeze(-1) * (math.pi / 2)
+    return torch.cat([torch.sin(angle) * features, torch.cos(angle) * features], dim=-1)
+
+
+def positions_from_padding(padding_mask: Tensor, start: Tensor | int = 0) -> Tensor:
+    """Position of each non-pad token counted from its sequence's first real token.
+
+    Works for left and right padding alike, which keeps cosFormer padding-invariant.
+
+    Args:
+        padding_mask: ``(B, L)`` bool, True at padding.
+        start: position of the first new token, ``int`` or ``(B,)`` (incremental use).
+    Returns:
+        ``(B, L)`` float positions; padded slots hold the position of the previous real token.
+    """
+    counts = (~padding_mask).to(torch.float32).cumsum(dim=1) - 1.0
+    if isinstance(start, Tensor):
+        return counts.clamp_min(0.0) + start.to(counts).unsqueeze(1)
+    return counts.clamp_min(0.0) + float(start)
+
+
+def cosformer_proportions(positions: Tensor, max_positions: int) -> Tensor:
+    """cosFormer's fixed re-weighting ``p_i = i / M`` with a fixed ``M``; any shape."""
+    return positions / float(max_positions)

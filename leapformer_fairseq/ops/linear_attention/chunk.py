@@ -1,0 +1,65 @@
+"""Causal chunked form: masked scores inside a chunk plus the state carried from earlier chunks.
+
+Never builds an ``L x L`` matrix: memory is ``O(L c + (L / c) f dv)`` for chunk size ``c``.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .recurrent import LinearAttentionState, state_dtype
+
+
+def causal_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    chunk_size: int = 64,
+    key_padding_mask: Tensor | None = None,
+    eps: float = 0.1,
+    initial_state: LinearAttentionState | None = None,
+) -> tuple[Tensor, LinearAttentionState]:
+    """Query i sees keys ``j <= i`` (and everything in ``initial_state``).
+
+    Args:
+        q: ``(N, L, f)`` query features; k: ``(N, L, f)`` key features; v: ``(N, L, dv)``.
+        chunk_size: rows per chunk; ``L`` need not be a multiple of it.
+        key_padding_mask: ``(N, L)`` bool, True at padding (those keys contribute nothing).
+        initial_state: sums over keys that precede this block (incremental use).
+    Returns:
+        ``(N, L, dv)`` outputs and the state after the last key (at least float32).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch, length, feature_dim = q.shape
+    value_dim = v.shape[-1]
+    if key_padding_mask is not None:
+        k = k.masked_fill(key_padding_mask[..., None], 0.0)
+    padding = (-length) % chunk_size
+    if padding:
+        q, k, v = (F.pad(x, (0, 0, 0, padding)) for x in (q, k, v))
+    n_chunks = (length + padding) // chunk_size
+    q = q.view(batch, n_chunks, chunk_size, feature_dim)
+    k = k.view(batch, n_chunks, chunk_size, feature_dim)
+    v = v.view(batch, n_chunks, chunk_size, value_dim)
+
+    # Sums over each chunk, then exclusive prefix sums over chunks, accumulated in float32.
+    accumulate = state_dtype(q.dtype)
+    kv_chunk = torch.einsum("bcif,bcid->bcfd", k, v).to(accumulate)
+    k_chunk = k.sum(dim=2).to(accumulate)
+    kv_before = F.pad(kv_chunk[:, :-1].cumsum(dim=1), (0, 0, 0, 0, 1, 0))
+    k_before = F.pad(k_chunk[:, :-1].cumsum(dim=1), (0, 0, 1, 0))
+    kv_final = kv_before[:, -1] + kv_chunk[:, -1]
+    k_final = k_before[:, -1] + k_chunk[:, -1]
+    if initial_state is not None:
+        kv_before = kv_before + initial_state.kv[:, None]
+        k_before = k_before + initial_state.k_sum[:, None]
+        kv_final = kv_final + initial_state.kv
+        k_final = k_final + initial_state.k_sum
+
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    scores = torch.einsum("bcif,bcjf->bcij", q, k).masked_fill(~causal, 0.0)
+    numerator = torch.matmul(scores, v) + torch.matmul(q, kv_before.to(q.dtype))
+    denominator = scores.sum(dim=-1) + torch.einsum("bcif,bcf->bci", q, k_before.to(q.dtype))
+    out = numerator / denominator.clamp_min(eps)[..., None]
+    out = out.reshape(batch, n_chunks * chunk_size, value_dim)[:, :length]
+    return out, LinearAttentionState(kv=kv_final, k_sum=k_final)

@@ -1,0 +1,81 @@
+"""Recurrent form: ``S += phi_k^T v``, ``z += phi_k``, ``o = phi_q S / max(phi_q . z, eps)``.
+
+The state is kept in float32 (float64 for float64 inputs) whatever the input dtype; its size
+does not depend on the length.
+"""
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def state_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated in: at least float32."""
+    return torch.promote_types(input_dtype, torch.float32)
+
+
+class LinearAttentionState(NamedTuple):
+    """Sums over the keys seen so far.
+
+    kv: ``(N, f, dv)``, ``sum_j phi_k(j)^T v_j``.
+    k_sum: ``(N, f)``, ``sum_j phi_k(j)``.
+    Both in :func:`state_dtype` of the inputs.
+    """
+
+    kv: Tensor
+    k_sum: Tensor
+
+
+def empty_state(
+    batch: int,
+    feature_dim: int,
+    value_dim: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LinearAttentionState:
+    """The state before any key: zeros in ``state_dtype(dtype)``."""
+    dtype = state_dtype(dtype)
+    return LinearAttentionState(
+        kv=torch.zeros(batch, feature_dim, value_dim, dtype=dtype, device=device),
+        k_sum=torch.zeros(batch, feature_dim, dtype=dtype, device=device),
+    )
+
+
+def update_state(
+    state: LinearAttentionState, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+) -> LinearAttentionState:
+    """Add ``t`` new keys to the state.
+
+    Args:
+        k: ``(N, t, f)`` key features; v: ``(N, t, dv)``.
+        key_padding_mask: ``(N, t)`` bool, True at padding (ignored keys).
+    """
+    k = k.to(state.kv.dtype)
+    if key_padding_mask is not None:
+        k = k.masked_fill(key_padding_mask[..., None], 0.0)
+    return LinearAttentionState(
+        kv=state.kv + torch.einsum("ntf,ntd->nfd", k, v.to(k.dtype)),
+        k_sum=state.k_sum + k.sum(dim=1),
+    )
+
+
+def query_state(state: LinearAttentionState, q: Tensor, eps: float = 0.1) -> Tensor:
+    """Read the state with ``t`` queries: ``(N, t, f) -> (N, t, dv)`` in ``q``'s dtype."""
+    q_state = q.to(state.kv.dtype)
+    denominator = torch.einsum("ntf,nf->nt", q_state, state.k_sum).clamp_min(eps)
+    return (torch.bmm(q_state, state.kv) / denominator[..., None]).to(q.dtype)
+
+
+def recurrent_step(
+    state: LinearAttentionState, q: Tensor, k: Tensor, v: Tensor, eps: float = 0.1
+) -> tuple[LinearAttentionState, Tensor]:
+    """One causal step: add key ``k`` (with value ``v``), then read with ``q``.
+
+    Args:
+        state: sums over the previous keys.
+        q, k: ``(N, f)`` features of the new token; v: ``(N, dv)``.
+    Returns:
+        The new state and the output ``(N, dv)``.
+    """
+    state = update_state(state, k.unsqueeze(1), v.unsqueeze(1))
+    return state, query_state(state, q.unsqueeze(1), eps).squeeze(1)

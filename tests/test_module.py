@@ -1,0 +1,284 @@
+"""``LeaPMultiheadAttention`` against a reference built from its own weights and the naive ops,
+against fairseq's ``MultiheadAttention``, and incremental against parallel."""
+import pytest
+import torch
+from fairseq.modules import MultiheadAttention
+
+from leapformer_fairseq import ops
+from leapformer_fairseq.modules import ATTN_TYPES, LINEAR_ATTN_TYPES, LeaPMultiheadAttention
+
+EMBED, HEADS = 16, 2
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def make_module(attn_type, **kwargs):
+    torch.manual_seed(1)
+    module = LeaPMultiheadAttention(EMBED, HEADS, attn_type=attn_type,
+                                    cosformer_max_positions=64, **kwargs)
+    return module.eval()
+
+
+def split_heads(x):
+    length, bsz, _ = x.shape
+    return x.reshape(length, bsz * HEADS, EMBED // HEADS).transpose(0, 1)
+
+
+def reference(module, query, key, key_padding_mask=None, allowed=None):
+    """Straight from LEAP.md §1: per-head scores of the module's own projections. (T, B, C)."""
+    bsz = query.size(1)
+    q = split_heads(module.q_proj(query) * module.scaling)
+    k, v = split_heads(module.k_proj(key)), split_heads(module.v_proj(key))
+    padding = None if key_padding_mask is None else key_padding_mask.repeat_interleave(HEADS, 0)
+    if allowed is not None and allowed.dim() == 3:
+        allowed = allowed.repeat_interleave(HEADS, 0)
+    if module.attn_type == "softmax":
+        out = ops.naive_softmax_attention(q, k, v, allowed, padding)
+    else:
+        q_t, k_t = torch.relu(q), torch.relu(k)
+        p_q = p_k = None
+        if module.attn_type == "leap":
+            p_q, p_k = module.leap_q(q_t).squeeze(-1), module.leap_k(k_t).squeeze(-1)
+        elif module.attn_type == "cosformer":  # right padding only: positions are 0, 1, 2, ...
+            p_q = torch.arange(q.size(1)).expand(q.size(0), -1) / module.cosformer_max_positions
+            p_k = torch.arange(k.size(1)).expand(k.size(0), -1) / module.cosformer_max_positions
+        out = ops.naive_leap_attention(q_t, k_t, v, p_q, p_k, allowed, padding)
+    return module.out_proj(out.transpose(0, 1).reshape(query.size(0), bsz, EMBED))
+
+
+def right_padding(bsz, length):
+    padding = torch.zeros(bsz, length, dtype=torch.bool)
+    padding[1, length - 3:] = True
+    return padding
+
+
+def assert_close_at(actual, expected, padding=None):
+    """Compare ``(T, B, C)`` outputs at the non-padded query positions."""
+    if padding is not None:
+        keep = ~padding.T
+        actual, expected = actual[keep], expected[keep]
+    torch.testing.assert_close(actual, expected, **TOL)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_encoder_self_attention_matches_reference(attn_type):
+    module = make_module(attn_type, self_attention=True)
+    x = torch.randn(11, 3, EMBED)
+    padding = right_padding(3, 11)
+    out, _ = module(x, x, x, key_padding_mask=padding, need_weights=False)
+    assert_close_at(out, reference(module, x, x, padding), padding)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("select_causal", ["flag", "future_mask"])
+def test_causal_self_attention_matches_reference(attn_type, select_causal):
+    length = 70
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    x = torch.randn(length, 2, EMBED)
+    padding = right_padding(2, length)
+    if select_causal == "flag":
+        module = make_module(attn_type, self_attention=True, causal=True, chunk_size=16)
+        out, _ = module(x, x, x, key_padding_mask=padding, need_weights=False)
+    else:
+        module = make_module(attn_type, self_attention=True, chunk_size=16)
+        future_mask = torch.zeros(length, length).masked_fill(~causal, float("-inf"))
+        out, _ = module(x, x, x, key_padding_mask=padding, attn_mask=future_mask,
+                        need_weights=False)
+    assert_close_at(out, reference(module, x, x, padding, causal), padding)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_cross_attention_matches_reference(attn_type):
+    module = make_module(attn_type, encoder_decoder_attention=True)
+    target, source = torch.randn(6, 3, EMBED), torch.randn(9, 3, EMBED)
+    padding = right_padding(3, 9)
+    out, _ = module(target, source, source, key_padding_mask=padding, static_kv=True)
+    assert_close_at(out, reference(module, target, source, padding))
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("per_sentence", [False, True])
+def test_wait_k_cross_attention_matches_reference(attn_type, per_sentence):
+    module = make_module(attn_type, encoder_decoder_attention=True)
+    target, source = torch.randn(8, 2, EMBED), torch.randn(9, 2, EMBED)
+    limit = (torch.arange(8) + 3).clamp_max(9)  # wait-3
+    if per_sentence:
+        limit = torch.stack([limit, (torch.arange(8) + 1).clamp_max(9)])
+    allowed = torch.arange(9) < limit.unsqueeze(-1)
+    out, _ = module(target, source, source, key_limit=limit)
+    assert_close_at(out, reference(module, target, source, None, allowed))
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_chunk_causal_self_attention_matches_reference(attn_type):
+    module = make_module(attn_type, self_attention=True)
+    x = torch.randn(10, 2, EMBED)
+    chunk = 3  # full attention inside chunks of 3, causal across them
+    limit = ((torch.arange(10) // chunk + 1) * chunk).clamp_max(10)
+    allowed = torch.arange(10) < limit.unsqueeze(-1)
+    out, _ = module(x, x, x, key_limit=limit)
+    assert_close_at(out, reference(module, x, x, None, allowed))
+
+
+def copy_into_fairseq(module, **kwargs):
+    fairseq_attention = MultiheadAttention(EMBED, HEADS, **kwargs).eval()
+    fairseq_attention.load_state_dict(module.state_dict(), strict=True)
+    return fairseq_attention
+
+
+def test_softmax_is_fairseq_multihead_attention():
+    module = make_module("softmax", encoder_decoder_attention=True)
+    fairseq_attention = copy_into_fairseq(module, encoder_decoder_attention=True)
+    target, source = torch.randn(5, 3, EMBED), torch.randn(7, 3, EMBED)
+    padding = right_padding(3, 7)
+    ours, our_weights = module(target, source, source, key_padding_mask=padding)
+    theirs, their_weights = fairseq_attention(target, source, source, key_padding_mask=padding)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(our_weights, their_weights)
+    limit = torch.tensor([1, 2, 4, 6, 7])
+    blocked = torch.arange(7) >= limit[:, None]
+    ours, _ = module(target, source, source, key_limit=limit)
+    theirs, _ = fairseq_attention(
+        target, source, source,
+        attn_mask=torch.zeros(5, 7).masked_fill(blocked, float("-inf")),
+    )
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_softmax_causal_flag_is_fairseq_future_mask_and_cache():
+    module = make_module("softmax", self_attention=True, causal=True)
+    fairseq_attention = copy_into_fairseq(module, self_attention=True)
+    x = torch.randn(9, 2, EMBED)
+    future = torch.zeros(9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1),
+                                           float("-inf"))
+    ours, _ = module(x, x, x, need_weights=False)
+    theirs, _ = fairseq_attention(x, x, x, attn_mask=future, need_weights=False)
+    torch.testing.assert_close(ours, theirs)
+    state = {}
+    steps = [module(x[i:i + 1], x[i:i + 1], x[i:i + 1], incremental_state=state)[0]
+             for i in range(9)]
+    torch.testing.assert_close(torch.cat(steps), theirs, **TOL)
+
+
+def run_steps(module, x, state, block=1):
+    """Feed ``x`` (T, B, C) through decoder self-attention ``block`` tokens at a time."""
+    outs = []
+    for start in range(0, x.size(0), block):
+        piece = x[start:start + block]
+        outs.append(module(piece, piece, piece, incremental_state=state, need_weights=False)[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_incremental_self_attention_equals_parallel(attn_type):
+    module = make_module(attn_type, self_attention=True, causal=True, dropout=0.3,
+                         chunk_size=8)
+    x = torch.randn(40, 3, EMBED)
+    parallel, _ = module(x, x, x, need_weights=False)
+    torch.testing.assert_close(run_steps(module, x, {}), parallel, **TOL)
+    if attn_type != "softmax":  # several new tokens per call: the chunked form with a state
+        torch.testing.assert_close(run_steps(module, x, {}, block=7), parallel, **TOL)
+
+
+@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
+def test_dropout_acts_in_training_only(attn_type):
+    module = make_module(attn_type, self_attention=True, dropout=0.5).train()
+    x = torch.randn(6, 2, EMBED)
+    assert not torch.allclose(module(x, x, x)[0], module(x, x, x)[0])
+    module.eval()
+    torch.testing.assert_close(module(x, x, x)[0], module(x, x, x)[0])
+
+
+@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
+def test_incremental_state_holds_no_key_value_cache(attn_type):
+    module = make_module(attn_type, self_attention=True, causal=True)
+    x = torch.randn(50, 2, EMBED)
+    state = {}
+    run_steps(module, x[:5], state)
+    sizes_after_5 = {name: t.shape for name, t in module._get_input_buffer(state).items()}
+    run_steps(module, x[5:], state)
+    sizes_after_50 = {name: t.shape for name, t in module._get_input_buffer(state).items()}
+    assert sizes_after_5 == sizes_after_50
+    feature_dim = module.head_dim * (1 if attn_type == "linear" else 2)
+    assert sizes_after_50["kv_state"] == (2, HEADS, feature_dim, module.head_dim)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_incremental_cross_attention_caches_source_once(attn_type):
+    module = make_module(attn_type, encoder_decoder_attention=True)
+    target, source = torch.randn(6, 3, EMBED), torch.randn(9, 3, EMBED)
+    padding = right_padding(3, 9)
+    parallel, _ = module(target, source, source, key_padding_mask=padding, static_kv=True)
+    state = {}
+    steps = [module(target[i:i + 1], source, source, key_padding_mask=padding,
+                    incremental_state=state, static_kv=True)[0] for i in range(6)]
+    torch.testing.assert_close(torch.cat(steps), parallel, **TOL)
+
+
+@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
+def test_streamed_source_equals_wait_k_prefix(attn_type):
+    """Appending source units (static_kv=False) before each target step is wait-k."""
+    module = make_module(attn_type, encoder_decoder_attention=True)
+    target, source = torch.randn(8, 2, EMBED), torch.randn(9, 2, EMBED)
+    waitk = 2
+    limit = (torch.arange(8) + waitk).clamp_max(9)
+    parallel, _ = module(target, source, source, key_limit=limit)
+    state, pushed, steps = {}, 0, []
+    for i in range(8):
+        new = source[pushed:limit[i]]
+        pushed = int(limit[i])
+        steps.append(module(target[i:i + 1], new if len(new) else None,
+                            new if len(new) else None, incremental_state=state)[0])
+    torch.testing.assert_close(torch.cat(steps), parallel, **TOL)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_beam_reorder_reorders_the_state(attn_type):
+    module = make_module(attn_type, self_attention=True, causal=True)
+    history, future = torch.randn(5, 3, EMBED), torch.randn(4, 3, EMBED)
+    new_order = torch.tensor([2, 0, 0])
+    state = {}
+    run_steps(module, history, state)
+    module.reorder_incremental_state(state, new_order)
+    reordered = run_steps(module, future, state)
+    fresh = run_steps(module, torch.cat([history[:, new_order], future]), {})[5:]
+    torch.testing.assert_close(reordered, fresh, **TOL)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_invariance(attn_type, causal, side):
+    module = make_module(attn_type, self_attention=True, causal=causal, chunk_size=4)
+    x = torch.randn(7, 1, EMBED)
+    alone, _ = module(x, x, x, need_weights=False)
+    junk = torch.randn(5, 1, EMBED)
+    padded = torch.cat([junk, x] if side == "left" else [x, junk])
+    batch = torch.cat([padded, torch.randn(12, 1, EMBED)], dim=1)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[0, :5] = side == "left"
+    padding[0, 7:] = side == "right"
+    out, _ = module(batch, batch, batch, key_padding_mask=padding, need_weights=False)
+    real = slice(5, 12) if side == "left" else slice(0, 7)
+    torch.testing.assert_close(out[real, :1], alone, **TOL)
+
+
+def test_leap_parameters_use_fairseq_names():
+    names = set(dict(make_module("leap", self_attention=True).named_parameters()))
+    for prefix in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert {f"{prefix}.weight", f"{prefix}.bias"} <= names
+    assert {"leap_q.0.weight", "leap_q.2.weight", "leap_k.0.weight", "leap_k.2.bias"} <= names
+    module = make_module("leap", self_attention=True, leap_factor=2)
+    assert module.leap_q[0].out_features == (EMBED // HEADS) // 2
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="attn_type"):
+        LeaPMultiheadAttention(EMBED, HEADS, attn_type="performer")
+    module = make_module("leap", self_attention=True)
+    x = torch.randn(4, 1, EMBED)
+    with pytest.raises(ValueError, match="future mask"):
+        module(x, x, x, attn_mask=torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="key_limit"):
+        module(x, x, x, incremental_state={}, key_limit=torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="causal"):
+        LeaPMultiheadAttention(EMBED, HEADS, encoder_decoder_attention=True, causal=True)
