@@ -82,7 +82,7 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor) -> Callable[[],
         return lambda: module(x, x, x, attn_mask=mask, need_weights=need_weights)[0]
     module = LeaPMultiheadAttention(
         args.embed_dim, args.heads, self_attention=True, attn_type=method, causal=causal,
-        chunk_size=args.chunk_size,
+        chunk_size=args.chunk_size, block_size=args.block_size,
     ).to(x.device)
     return lambda: module(x, x, x, need_weights=False)[0]
 
@@ -253,7 +253,8 @@ def markdown(report: Dict) -> str:
              f"Command: `{report['command']}`", "",
              "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
              f"Model: d_model {report['config']['embed_dim']}, {report['config']['heads']} heads, "
-             f"batch {report['config']['batch']}, chunk {report['config']['chunk_size']}; "
+             f"batch {report['config']['batch']}, chunk {report['config']['chunk_size']}, "
+             f"block {report['config']['block_size']}; "
              f"time is the median of {report['config']['repeats']} forward+backward passes; "
              "memory is the peak rise during one pass "
              + ("(RSS)." if report["device"] == "cpu" else "(CUDA allocator)."), ""]
@@ -264,7 +265,7 @@ def markdown(report: Dict) -> str:
             lines += [f"## {'Causal' if causal else 'Bidirectional'}: {title}", "",
                       "| method | " + " | ".join(str(n) for n in lengths) + " |",
                       "|---|" + "---|" * len(lengths)]
-            for method in METHODS:
+            for method in report["config"]["methods"]:
                 cells = []
                 for n in lengths:
                     row = next(r for r in report["train"] if (r["method"], r["causal"],
@@ -300,7 +301,7 @@ def plot(report: Dict, path: Path) -> None:
               (True, "peak_bytes", 2**-20, "causal peak memory (MiB)"),
               (False, "peak_bytes", 2**-20, "bidirectional peak memory (MiB)")]
     for axis, (causal, key, scale, title) in zip(axes, panels):
-        for method in METHODS:
+        for method in report["config"]["methods"]:
             rows = [r for r in report["train"] if r["method"] == method and r["causal"] == causal
                     and r.get(key) is not None]
             axis.plot([r["length"] for r in rows], [r[key] * scale for r in rows], marker="o",
@@ -328,6 +329,10 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=256,
+                        help="rows per recomputed block of causal linear attention")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=200)
     parser.add_argument("--memory-limit-gb", type=float, default=18.0,
@@ -336,6 +341,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     args.passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -349,9 +357,10 @@ def main() -> None:
         return
     lengths = [int(n) for n in args.lengths.split(",")]
     positions = [int(p) for p in args.decode_positions.split(",")]
+    methods = [m for m in METHODS if m in args.methods.split(",")]
     train = []
     for causal in (True, False):
-        for method in METHODS:
+        for method in methods:
             for length in lengths:
                 task = {"kind": "train", "method": method, "causal": causal, "length": length}
                 result = run_child(task, args)
@@ -375,7 +384,8 @@ def main() -> None:
         "machine": machine_description(args.device),
         "config": {"lengths": lengths, "decode_positions": positions,
                    "embed_dim": args.embed_dim, "heads": args.heads, "batch": args.batch,
-                   "chunk_size": args.chunk_size, "repeats": args.repeats,
+                   "chunk_size": args.chunk_size, "block_size": args.block_size,
+                   "methods": methods, "repeats": args.repeats,
                    "decode_steps": args.decode_steps},
         "train": train,
         "decode": decode,

@@ -211,3 +211,79 @@ def test_gradcheck_parallel_forms(attn_type, form):
         return ops.prefix_linear_attention(phi_q, phi_k, v, limit, padding)
 
     assert torch.autograd.gradcheck(attention, (q, k, v, p_q, p_k))
+
+
+class ToyFeatureMap(torch.nn.Module):
+    """Raw rows ``(B, b, c)`` -> LeaP features and values ``(B, b, d)``, with parameters."""
+
+    def __init__(self, channels=6, d=4, dv=3, dtype=torch.float64):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(channels, d, dtype=dtype)
+        self.k_proj = torch.nn.Linear(channels, d, dtype=dtype)
+        self.v_proj = torch.nn.Linear(channels, dv, dtype=dtype)
+        self.leap_q = torch.nn.Linear(d, 1, dtype=dtype)
+        self.leap_k = torch.nn.Linear(d, 1, dtype=dtype)
+
+    def features(self, x):
+        q, k = torch.relu(self.q_proj(x)), torch.relu(self.k_proj(x))
+        phi_q = ops.sincos_features(q, torch.sigmoid(self.leap_q(q)).squeeze(-1))
+        phi_k = ops.sincos_features(k, torch.sigmoid(self.leap_k(k)).squeeze(-1))
+        return phi_q, phi_k
+
+    def __call__(self, x_block, rows, with_values=True):
+        phi_q, phi_k = self.features(x_block)
+        return phi_q, phi_k, self.v_proj(x_block) if with_values else None
+
+
+@pytest.mark.parametrize("recompute_values", [True, False])
+@pytest.mark.parametrize("block_size", (1, 5, 16, 100))
+def test_blockwise_matches_chunked_values_and_gradients(block_size, recompute_values):
+    toy = ToyFeatureMap()
+    x = torch.randn(2, 37, 6, dtype=torch.float64, requires_grad=True)
+    padding = torch.zeros(2, 37, dtype=torch.bool)
+    padding[1, 30:] = True
+    external_values = None if recompute_values else torch.randn(2, 37, 3, dtype=torch.float64,
+                                                                requires_grad=True)
+
+    def feature_map(x_block, rows):
+        return toy(x_block, rows, with_values=recompute_values)
+
+    params = [p for name, p in toy.named_parameters()
+              if recompute_values or not name.startswith("v_proj")]
+    out = ops.blockwise_causal_linear_attention(
+        x, feature_map, params, external_values, 4, block_size, padding
+    )
+    phi_q, phi_k = toy.features(x)
+    v = toy.v_proj(x) if recompute_values else external_values
+    expected, _ = ops.causal_linear_attention(phi_q, phi_k, v, 8, padding)
+    assert_close(out, expected)
+    cotangent = torch.randn_like(expected)
+    leaves = [x, *params] + ([] if recompute_values else [external_values])
+    ours = torch.autograd.grad(out, leaves, cotangent)
+    reference = torch.autograd.grad(expected, leaves, cotangent)
+    for actual, wanted in zip(ours, reference):
+        assert_close(actual, wanted)
+
+
+def test_gradcheck_blockwise():
+    toy = ToyFeatureMap()
+    x = torch.randn(1, 9, 6, dtype=torch.float64, requires_grad=True)
+    weight = toy.leap_q.weight
+
+    def attention(x, weight):
+        return ops.blockwise_causal_linear_attention(x, toy, [weight], None, 2, 4)
+
+    assert torch.autograd.gradcheck(attention, (x, weight))
+
+
+def test_blockwise_passes_rows_to_the_feature_map():
+    seen = []
+
+    def feature_map(x_block, rows):
+        seen.append((rows.start, rows.stop))
+        features = torch.relu(x_block)
+        return features, features, x_block
+
+    x = torch.randn(1, 10, 3)
+    ops.blockwise_causal_linear_attention(x, feature_map, block_size=4)
+    assert seen == [(0, 4), (4, 8), (8, 10)]

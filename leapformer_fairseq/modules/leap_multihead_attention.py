@@ -36,6 +36,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         leap_factor: LeaP MLP hidden size is ``head_dim // leap_factor``.
         eps: the denominator clamp ``max(sum_j s_ij, eps)`` of the linear types.
         chunk_size: chunk length of the causal chunked form.
+        block_size: rows per block of causal self-attention, whose features are recomputed
+            block by block in backward (memory ``O(L d)`` plus ``O(block_size)``).
         causal: self-attention where token i sees tokens ``j <= i``. fairseq's future mask passed
             as ``attn_mask`` selects the same thing.
         cosformer_max_positions: the fixed ``M`` of cosFormer's ``p_i = i / M``.
@@ -58,6 +60,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         leap_factor: int = 4,
         eps: float = 0.1,
         chunk_size: int = 64,
+        block_size: int = 256,
         causal: bool = False,
         cosformer_max_positions: int = 1024,
         **fairseq_kwargs,
@@ -93,6 +96,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.leap_factor = leap_factor
         self.eps = eps
         self.chunk_size = chunk_size
+        self.block_size = block_size
         self.causal = causal
         self.cosformer_max_positions = cosformer_max_positions
         if attn_type == "leap":
@@ -167,18 +171,50 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self, x: Tensor, padding_mask: Optional[Tensor], causal: bool, key_limit: Optional[Tensor]
     ) -> Tensor:
         positions = self._positions(padding_mask, x.size(0), x.size(1), x.device)
+        mask = self._per_head(padding_mask)
+        if causal:
+            out = self._blockwise_causal(x, positions, mask)
+            return out if mask is None else out.masked_fill(mask[..., None], 0.0)
         q = self._features(self._split_heads(self.q_proj(x) * self.scaling), "q", positions)
         k = self._features(self._split_heads(self.k_proj(x)), "k", positions)
         v = self.dropout_module(self._split_heads(self.v_proj(x)))
-        mask = self._per_head(padding_mask)
         if key_limit is not None:
             return ops.prefix_linear_attention(
                 q, k, v, self._per_head(key_limit), mask, mask, self.eps
             )
-        if causal:
-            out, _ = ops.causal_linear_attention(q, k, v, self.chunk_size, mask, self.eps)
-            return out if mask is None else out.masked_fill(mask[..., None], 0.0)
         return ops.bidirectional_linear_attention(q, k, v, mask, mask, self.eps)
+
+    def _blockwise_causal(
+        self, x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor]
+    ) -> Tensor:
+        """Causal self-attention that stores no projection or feature: projections and
+        features are recomputed block by block in backward. Values are stored only while
+        dropout is active (a recomputed dropout mask would differ)."""
+        dropout_active = self.dropout_module.p > 0 and (
+            self.training or self.dropout_module.apply_during_inference
+        )
+        values = self.dropout_module(self._split_heads(self.v_proj(x))) if dropout_active else None
+
+        def feature_map(
+            x_block: Tensor, rows: slice
+        ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+            x_block = x_block.transpose(0, 1)
+            block_positions = None if positions is None else positions[:, rows]
+            q = self._split_heads(self.q_proj(x_block) * self.scaling)
+            k = self._split_heads(self.k_proj(x_block))
+            v = None if dropout_active else self._split_heads(self.v_proj(x_block))
+            return (self._features(q, "q", block_positions),
+                    self._features(k, "k", block_positions), v)
+
+        feature_params = [*self.q_proj.parameters(), *self.k_proj.parameters()]
+        if not dropout_active:
+            feature_params += [*self.v_proj.parameters()]
+        if self.attn_type == "leap":
+            feature_params += [*self.leap_q.parameters(), *self.leap_k.parameters()]
+        return ops.blockwise_causal_linear_attention(
+            x.transpose(0, 1), feature_map, feature_params, values, self.chunk_size,
+            self.block_size, mask, self.eps,
+        )
 
     def _cross_attention(
         self,

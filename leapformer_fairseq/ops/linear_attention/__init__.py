@@ -3,6 +3,7 @@
 All tensors are ``(N, L, feature)`` with ``N = batch * heads``.
 """
 from .bidirectional import bidirectional_linear_attention
+from .blockwise import FeatureMap, blockwise_causal_linear_attention
 from .chunk import causal_linear_attention
 from .naive import naive_leap_attention, naive_softmax_attention
 from .prefix import prefix_linear_attention
@@ -16,8 +17,10 @@ from .recurrent import (
 )
 
 __all__ = [
+    "FeatureMap",
     "LinearAttentionState",
     "bidirectional_linear_attention",
+    "blockwise_causal_linear_attention",
     "causal_linear_attention",
     "empty_state",
     "naive_leap_attention",

@@ -38,9 +38,9 @@ def causal_linear_attention(
     if padding:
         q, k, v = (F.pad(x, (0, 0, 0, padding)) for x in (q, k, v))
     n_chunks = (length + padding) // chunk_size
-    q = q.view(batch, n_chunks, chunk_size, feature_dim)
-    k = k.view(batch, n_chunks, chunk_size, feature_dim)
-    v = v.view(batch, n_chunks, chunk_size, value_dim)
+    q = q.reshape(batch, n_chunks, chunk_size, feature_dim)
+    k = k.reshape(batch, n_chunks, chunk_size, feature_dim)
+    v = v.reshape(batch, n_chunks, chunk_size, value_dim)
 
     # Sums over each chunk, then exclusive prefix sums over chunks, accumulated in float32.
     accumulate = state_dtype(q.dtype)
