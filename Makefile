@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup test benchmark
+.PHONY: setup test benchmark demo
 
 setup:
 	bash scripts/setup_env.sh
@@ -13,3 +13,6 @@ test: setup
 
 benchmark: setup
 	$(PYTHON) benchmarks/attention.py
+
+demo: setup
+	$(PYTHON) scripts/t2t_recipe.py demo

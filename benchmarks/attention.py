@@ -13,6 +13,7 @@ Writes ``attention_<device>.{json,md,png}`` under ``--out`` (default benchmarks/
 """
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -119,9 +120,15 @@ def measure_train(method: str, causal: bool, length: int, args) -> Dict:
     return {"time_s": statistics.median(times), "peak_bytes": peak}
 
 
-def measure_decode(method: str, position: int, args) -> Dict:
-    """Per-token decode time at ``position`` and the bytes held by the incremental state."""
+def measure_decode(method: str, positions: List[int], args) -> List[Dict]:
+    """Per-token decode time at each position, and the bytes its incremental state holds.
+
+    All positions are timed in one process, round-robin, each from a copy of its state (so
+    every timed step is at that position); the minimum over rounds of the median step time
+    discounts scheduler noise.
+    """
     torch.manual_seed(0)
+    torch.set_num_threads(args.decode_threads)
     device, embed_dim = args.device, args.embed_dim
     if method == "fairseq_softmax":
         module = MultiheadAttention(embed_dim, args.heads, self_attention=True)
@@ -129,23 +136,32 @@ def measure_decode(method: str, position: int, args) -> Dict:
         module = LeaPMultiheadAttention(embed_dim, args.heads, self_attention=True,
                                         attn_type=method, causal=True)
     module = module.to(device).eval()
-    state: Dict = {}
+    token = torch.randn(1, 1, embed_dim, device=device)
+    states, state_bytes = {}, {}
     with torch.no_grad():
-        if position > 1:  # fill the cache / state with position - 1 earlier tokens
-            prefix = torch.randn(position - 1, 1, embed_dim, device=device)
+        for position in positions:  # a state holding ``position`` tokens
+            state: Dict = {}
+            prefix = torch.randn(position, 1, embed_dim, device=device)
             module(prefix, prefix, prefix, incremental_state=state, need_weights=False)
-        tokens = torch.randn(args.decode_steps + 5, 1, 1, embed_dim, device=device)
-        times = []
-        for i, token in enumerate(tokens):
-            synchronize(device)
-            start = time.perf_counter()
-            module(token, token, token, incremental_state=state, need_weights=False)
-            synchronize(device)
-            if i >= 5:  # the first steps warm up
-                times.append(time.perf_counter() - start)
-    buffer = module._get_input_buffer(state)
-    state_bytes = sum(t.numel() * t.element_size() for t in buffer.values() if t is not None)
-    return {"step_time_s": statistics.median(times), "state_bytes": state_bytes}
+            buffer = module._get_input_buffer(state)
+            states[position] = state
+            state_bytes[position] = sum(t.numel() * t.element_size()
+                                        for t in buffer.values() if t is not None)
+        rounds: Dict[int, List[float]] = {position: [] for position in positions}
+        for _ in range(args.decode_rounds):
+            for position in positions:
+                times = []
+                for _ in range(args.decode_steps):
+                    step_state = {key: dict(value) for key, value in states[position].items()}
+                    synchronize(device)
+                    start = time.perf_counter()
+                    module(token, token, token, incremental_state=step_state,
+                           need_weights=False)
+                    synchronize(device)
+                    times.append(time.perf_counter() - start)
+                rounds[position].append(statistics.median(times))
+    return [{"position": p, "step_time_s": min(rounds[p]), "state_bytes": state_bytes[p]}
+            for p in positions]
 
 
 def run_child(task: Dict, args) -> Dict:
@@ -168,7 +184,7 @@ def child_main(task: Dict, args) -> None:
     if task["kind"] == "train":
         result = measure_train(task["method"], task["causal"], task["length"], args)
     else:
-        result = measure_decode(task["method"], task["position"], args)
+        result = {"rows": measure_decode(task["method"], task["positions"], args)}
     print(json.dumps(result))
 
 
@@ -198,42 +214,44 @@ def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[
 
 
 def summarise(train: List[Dict], decode: List[Dict], lengths: List[int]) -> Dict:
-    """Ratios against fairseq softmax at the longest length every method finished."""
+    """LeaP's ratios against the baselines at every length both finished, and decode ratios."""
     def lookup(method, causal, length, key):
         for row in train:
             if (row["method"], row["causal"], row["length"]) == (method, causal, length):
                 return row.get(key)
         return None
 
-    summary = {}
+    summary: Dict = {}
     for causal in (True, False):
-        finished = [n for n in lengths
-                    if all(lookup(m, causal, n, "time_s") for m in (BASELINE, "leap"))]
-        if not finished:
-            continue
-        n = max(finished)
-        name = "causal" if causal else "bidirectional"
-        summary[name] = {
-            "length": n,
-            "leap_speedup_vs_fairseq_softmax": ratio(lookup(BASELINE, causal, n, "time_s"),
-                                                     lookup("leap", causal, n, "time_s")),
-            "leap_memory_saving_vs_fairseq_softmax": ratio(
-                lookup(BASELINE, causal, n, "peak_bytes"), lookup("leap", causal, n, "peak_bytes")),
-            "leap_memory_saving_vs_fairseq_softmax_weights": ratio(
-                lookup("fairseq_softmax_weights", causal, n, "peak_bytes"),
-                lookup("leap", causal, n, "peak_bytes")),
-            "leap_speedup_vs_sdpa": ratio(lookup("sdpa", causal, n, "time_s"),
-                                          lookup("leap", causal, n, "time_s")),
-            "leap_time_vs_cosformer": ratio(lookup("leap", causal, n, "time_s"),
-                                            lookup("cosformer", causal, n, "time_s")),
-        }
+        by_length = {}
+        for n in lengths:
+            if not (lookup(BASELINE, causal, n, "time_s") and lookup("leap", causal, n, "time_s")):
+                continue
+            leap_time = lookup("leap", causal, n, "time_s")
+            leap_peak = lookup("leap", causal, n, "peak_bytes")
+            by_length[str(n)] = {
+                "leap_speedup_vs_fairseq_softmax":
+                    ratio(lookup(BASELINE, causal, n, "time_s"), leap_time),
+                "leap_memory_saving_vs_fairseq_softmax":
+                    ratio(lookup(BASELINE, causal, n, "peak_bytes"), leap_peak),
+                "leap_memory_saving_vs_fairseq_softmax_weights":
+                    ratio(lookup("fairseq_softmax_weights", causal, n, "peak_bytes"), leap_peak),
+                "leap_speedup_vs_sdpa": ratio(lookup("sdpa", causal, n, "time_s"), leap_time),
+                "leap_time_vs_cosformer": ratio(leap_time, lookup("cosformer", causal, n, "time_s")),
+            }
+        if by_length:
+            name = "causal" if causal else "bidirectional"
+            summary[name] = {"longest_length": max(by_length, key=int), "by_length": by_length}
     leap_steps = {row["position"]: row["step_time_s"] for row in decode
                   if row["method"] == "leap" and "step_time_s" in row}
     if leap_steps:
         first, last = min(leap_steps), max(leap_steps)
-        summary["decode"] = {"first_position": first, "last_position": last,
-                             "leap_step_time_ratio_last_vs_first": ratio(leap_steps[last],
-                                                                         leap_steps[first])}
+        summary["decode"] = {
+            "leap_step_time_ratio": {
+                f"{p}_vs_{first}": ratio(leap_steps[p], leap_steps[first]) for p in leap_steps
+            },
+            "last_position": last,
+        }
         if 64 in leap_steps and 4096 in leap_steps:
             summary["decode"]["leap_step_time_ratio_4096_vs_64"] = ratio(leap_steps[4096],
                                                                          leap_steps[64])
@@ -250,7 +268,8 @@ def fmt_mib(num_bytes: Optional[float]) -> str:
 
 def markdown(report: Dict) -> str:
     lines = [f"# Attention benchmark ({report['device']})", "",
-             f"Command: `{report['command']}`", "",
+             *[f"Command ({section}): `{command}`" for section, command in
+               report["commands"].items()], "",
              "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
              f"Model: d_model {report['config']['embed_dim']}, {report['config']['heads']} heads, "
              f"batch {report['config']['batch']}, chunk {report['config']['chunk_size']}, "
@@ -285,13 +304,31 @@ def markdown(report: Dict) -> str:
         lines.append(f"| {LABELS[method]} state | "
                      + " | ".join("-" if "state_bytes" not in r else f"{r['state_bytes'] / 1024:.0f}"
                                   for r in rows) + " |")
-    lines += ["", "## Summary (ratios measured in this run)", "", "```",
-              json.dumps(report["summary"], indent=2), "```", ""]
+    lines += ["", "## Summary: LeaP against the others, ratios measured in this run", "",
+              "| attention | length | speed-up vs fairseq softmax | memory saving vs fairseq "
+              "softmax (fused) | memory saving vs fairseq softmax (weights) | speed-up vs SDPA "
+              "| time vs cosFormer |",
+              "|---|---|---|---|---|---|---|"]
+    for name in ("causal", "bidirectional"):
+        for length, row in report["summary"].get(name, {}).get("by_length", {}).items():
+            cells = [row[key] for key in (
+                "leap_speedup_vs_fairseq_softmax", "leap_memory_saving_vs_fairseq_softmax",
+                "leap_memory_saving_vs_fairseq_softmax_weights", "leap_speedup_vs_sdpa",
+                "leap_time_vs_cosformer")]
+            lines.append(f"| {name} | {length} | "
+                         + " | ".join("-" if c is None else f"{c:.2f}x" for c in cells) + " |")
+    decode = report["summary"].get("decode")
+    if decode:
+        lines += ["", "LeaP decode step time relative to the first position: "
+                  + ", ".join(f"{k.split('_')[0]}: {v:.2f}x"
+                              for k, v in decode["leap_step_time_ratio"].items())]
+    lines.append("")
     return "\n".join(lines)
 
 
 def plot(report: Dict, path: Path) -> None:
     import matplotlib
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -334,11 +371,21 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-steps", type=int, default=200)
+    parser.add_argument("--decode-steps", type=int, default=50,
+                        help="timed decode steps per round")
+    parser.add_argument("--decode-rounds", type=int, default=20,
+                        help="rounds of decode steps; the minimum of their medians is kept")
+    parser.add_argument("--decode-threads", type=int, default=1,
+                        help="torch threads while timing single-token decode steps")
     parser.add_argument("--memory-limit-gb", type=float, default=18.0,
                         help="address-space limit of each CPU child (0: none)")
     parser.add_argument("--child-timeout", type=int, default=900)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--sections", default="train,decode",
+                        help="what to measure; a section left out keeps its rows (and their "
+                             "command) from the existing report in --out")
+    parser.add_argument("--render", metavar="JSON",
+                        help="re-write the summary, Markdown and PNG of a saved run; measure nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
@@ -355,9 +402,54 @@ def main() -> None:
     if args.child:
         child_main(json.loads(args.child), args)
         return
+    if args.render:
+        path = Path(args.render)
+        if not path.is_file():
+            raise SystemExit(f"--render: no such file {path}")
+        write_report(json.loads(path.read_text()), path)
+        return
     lengths = [int(n) for n in args.lengths.split(",")]
     positions = [int(p) for p in args.decode_positions.split(",")]
+    sections = set(args.sections.split(","))
+    if not sections or not sections <= {"train", "decode"}:
+        raise SystemExit(f"--sections: choose from train,decode, got {args.sections!r}")
     methods = [m for m in METHODS if m in args.methods.split(",")]
+    json_path = Path(args.out) / f"attention_{args.device}.json"
+    command = " ".join(["python", "benchmarks/attention.py", *args.passthrough])
+    report = {
+        "device": args.device,
+        "commands": {},
+        "machine": machine_description(args.device),
+        "config": {"embed_dim": args.embed_dim, "heads": args.heads, "batch": args.batch,
+                   "chunk_size": args.chunk_size, "block_size": args.block_size},
+        "train": [],
+        "decode": [],
+    }
+    if sections != {"train", "decode"}:
+        if not json_path.is_file():
+            raise SystemExit(f"--sections {args.sections}: no earlier report {json_path} to "
+                             "take the other section from")
+        previous = json.loads(json_path.read_text())
+        report.update({key: previous[key] for key in ("train", "decode", "commands")})
+        report["config"].update({key: previous["config"][key] for key in (
+            "lengths", "methods", "repeats", "decode_positions", "decode_steps",
+            "decode_rounds", "decode_threads") if key in previous["config"]})
+    if "train" in sections:
+        report["commands"]["train"] = command
+        report["config"].update({"lengths": lengths, "methods": methods,
+                                 "repeats": args.repeats})
+        report["train"] = measure_train_section(methods, lengths, args)
+    if "decode" in sections:
+        report["commands"]["decode"] = command
+        report["config"].update({"decode_positions": positions,
+                                 "decode_steps": args.decode_steps,
+                                 "decode_rounds": args.decode_rounds,
+                                 "decode_threads": args.decode_threads})
+        report["decode"] = measure_decode_section(positions, args)
+    write_report(report, json_path)
+
+
+def measure_train_section(methods: List[str], lengths: List[int], args) -> List[Dict]:
     train = []
     for causal in (True, False):
         for method in methods:
@@ -369,37 +461,34 @@ def main() -> None:
                       f"time {fmt_time(result.get('time_s'))} ms  "
                       f"peak {fmt_mib(result.get('peak_bytes'))} MiB {result.get('error', '')}",
                       flush=True)
+    return train
+
+
+def measure_decode_section(positions: List[int], args) -> List[Dict]:
     decode = []
     for method in DECODE_METHODS:
-        for position in positions:
-            task = {"kind": "decode", "method": method, "position": position}
-            result = run_child(task, args)
-            decode.append({**task, **result})
-            print(f"[decode] {method:16s} position {position:5d} step "
-                  f"{fmt_time(result.get('step_time_s'))} ms  state "
-                  f"{result.get('state_bytes', '-')} B {result.get('error', '')}", flush=True)
-    report = {
-        "device": args.device,
-        "command": " ".join(["python", "benchmarks/attention.py", *args.passthrough]),
-        "machine": machine_description(args.device),
-        "config": {"lengths": lengths, "decode_positions": positions,
-                   "embed_dim": args.embed_dim, "heads": args.heads, "batch": args.batch,
-                   "chunk_size": args.chunk_size, "block_size": args.block_size,
-                   "methods": methods, "repeats": args.repeats,
-                   "decode_steps": args.decode_steps},
-        "train": train,
-        "decode": decode,
-        "summary": summarise(train, decode, lengths),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"attention_{args.device}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        task = {"kind": "decode", "method": method, "positions": positions}
+        result = run_child(task, args)
+        rows = result.get("rows") or [{"position": p, "error": result["error"]}
+                                      for p in positions]
+        for row in rows:
+            decode.append({"method": method, **row})
+            print(f"[decode] {method:16s} position {row['position']:5d} step "
+                  f"{fmt_time(row.get('step_time_s'))} ms  state "
+                  f"{row.get('state_bytes', '-')} B {row.get('error', '')}", flush=True)
+    return decode
+
+
+def write_report(report: Dict, json_path: Path) -> None:
+    """Add the summary, then write JSON, Markdown and PNG side by side."""
+    report["summary"] = summarise(report["train"], report["decode"], report["config"]["lengths"])
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    stem.with_suffix(".md").write_text(table)
-    plot(report, stem.with_suffix(".png"))
+    json_path.with_suffix(".md").write_text(table)
+    plot(report, json_path.with_suffix(".png"))
     print(table)
-    print(f"wrote {stem}.json, .md and .png")
+    print(f"wrote {json_path}, {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
         causal: self-attention where token i sees tokens ``j <= i``. fairseq's future mask passed
             as ``attn_mask`` selects the same thing.
         cosformer_max_positions: the fixed ``M`` of cosFormer's ``p_i = i / M``.
+        waitk_lagging: wait-k cross-attention: in parallel (training) calls target token i sees
+            the first ``i + k`` real source tokens (see :meth:`waitk_key_limit`). Incremental
+            calls see exactly the source pushed so far.
 
     For the linear types, ``dropout`` is applied to the values (attention weights are never
     formed), so evaluation-mode outputs are deterministic; ``need_weights`` returns ``None``.
@@ -63,6 +66,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         block_size: int = 256,
         causal: bool = False,
         cosformer_max_positions: int = 1024,
+        waitk_lagging: Optional[int] = None,
         **fairseq_kwargs,
     ):
         if attn_type not in ATTN_TYPES:
@@ -81,6 +85,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
             raise ValueError(f"eps must be > 0, got {eps}")
         if causal and not self_attention:
             raise ValueError("causal=True needs self_attention=True")
+        if waitk_lagging is not None and (not encoder_decoder_attention or waitk_lagging < 1):
+            raise ValueError("waitk_lagging must be >= 1 and needs encoder_decoder_attention=True, "
+                             f"got {waitk_lagging}")
         super().__init__(
             embed_dim,
             num_heads,
@@ -99,12 +106,27 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.block_size = block_size
         self.causal = causal
         self.cosformer_max_positions = cosformer_max_positions
+        self.waitk_lagging = waitk_lagging
         if attn_type == "leap":
             self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor)
             self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor)
 
     def extra_repr(self) -> str:
-        return f"attn_type={self.attn_type}, causal={self.causal}, eps={self.eps}"
+        return (f"attn_type={self.attn_type}, causal={self.causal}, eps={self.eps}, "
+                f"waitk_lagging={self.waitk_lagging}")
+
+    def waitk_key_limit(
+        self, target_length: int, key_padding_mask: Optional[Tensor], device: torch.device
+    ) -> Tensor:
+        """Wait-k (LEAP.md §4): target token i sees source units ``0 .. i + k - 1``.
+
+        Returns ``(T,)``, or ``(B, T)`` shifted by each sentence's left padding.
+        """
+        limit = torch.arange(target_length, device=device) + self.waitk_lagging
+        if key_padding_mask is None:
+            return limit
+        left_padding = (~key_padding_mask).long().cumsum(dim=1).eq(0).sum(dim=1)
+        return left_padding[:, None] + limit[None, :]
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -135,6 +157,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         Returns:
             ``(T, B, C)`` output and the attention weights (``None`` for the linear types).
         """
+        if self.waitk_lagging is not None and key_limit is None and incremental_state is None:
+            key_limit = self.waitk_key_limit(query.size(0), key_padding_mask, query.device)
         if self.attn_type == "softmax":
             return self._softmax_forward(
                 query, key, value, key_padding_mask, incremental_state, need_weights,
@@ -275,10 +299,41 @@ class LeaPMultiheadAttention(MultiheadAttention):
         holds new source units that extend the cached sums (``None`` adds nothing).
         """
         bsz = query.size(1)
+        if key is not None and not (static_kv and "kv_state" in self._get_input_buffer(
+                incremental_state)):
+            self.extend_source(incremental_state, key, value, key_padding_mask)
         buffer = self._get_input_buffer(incremental_state)
-        has_source = "kv_state" in buffer
-        state, key_position = self._load_state(buffer, bsz, "key_position", query)
-        if key is not None and not (static_kv and has_source):
+        state, _ = self._load_state(buffer, bsz, "key_position", query)
+        query_position = buffer.get("query_position")
+        if query_position is None:
+            query_position = torch.zeros(bsz, device=query.device)
+        q_positions = self._positions(None, query.size(0), bsz, query.device, query_position)
+        q = self._features(self._split_heads(self.q_proj(query) * self.scaling), "q", q_positions)
+        buffer["query_position"] = query_position + query.size(0)
+        self._set_input_buffer(incremental_state, buffer)
+        return ops.query_state(state, q, self.eps)
+
+    def extend_source(
+        self,
+        incremental_state: IncrementalState,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> None:
+        """Append new source units ``(S_new, B, C)`` to the cached cross-attention state.
+
+        Linear types add them to the sums ``(S, z)`` (O(S_new) work); softmax appends their
+        keys and values to fairseq's cache. Later incremental calls with ``static_kv=True``
+        read what has been appended.
+        """
+        if not self.encoder_decoder_attention:
+            raise ValueError("extend_source is for encoder-decoder attention")
+        bsz = key.size(1)
+        buffer = self._get_input_buffer(incremental_state)
+        if self.attn_type == "softmax":
+            self._extend_softmax_cache(buffer, key, value, key_padding_mask)
+        else:
+            state, key_position = self._load_state(buffer, bsz, "key_position", key)
             k_positions = self._positions(
                 key_padding_mask, key.size(0), bsz, key.device, key_position
             )
@@ -286,16 +341,29 @@ class LeaPMultiheadAttention(MultiheadAttention):
             v = self._split_heads(self.v_proj(value))
             state = ops.update_state(state, k, v, self._per_head(key_padding_mask))
             key_position = key_position + self._count_tokens(key, key_padding_mask)
-        query_position = buffer.get("query_position")
-        if query_position is None:
-            query_position = torch.zeros(bsz, device=query.device)
-        q_positions = self._positions(None, query.size(0), bsz, query.device, query_position)
-        q = self._features(self._split_heads(self.q_proj(query) * self.scaling), "q", q_positions)
-        out = ops.query_state(state, q, self.eps)
-        self._store_state(buffer, state, key_position, "key_position")
-        buffer["query_position"] = query_position + query.size(0)
+            self._store_state(buffer, state, key_position, "key_position")
         self._set_input_buffer(incremental_state, buffer)
-        return out
+
+    def _extend_softmax_cache(
+        self,
+        buffer: Dict[str, Optional[Tensor]],
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+    ) -> None:
+        """Append to fairseq's ``prev_key``/``prev_value`` ``(B, H, S, d)`` and padding mask."""
+        bsz = key.size(1)
+        shape = (bsz, self.num_heads, key.size(0), self.head_dim)
+        k = self._split_heads(self.k_proj(key)).reshape(shape)
+        v = self._split_heads(self.v_proj(value)).reshape(shape)
+        if key_padding_mask is None:
+            key_padding_mask = torch.zeros(bsz, key.size(0), dtype=torch.bool, device=key.device)
+        if "prev_key" in buffer:
+            k = torch.cat([buffer["prev_key"], k], dim=2)
+            v = torch.cat([buffer["prev_value"], v], dim=2)
+            key_padding_mask = torch.cat([buffer["prev_key_padding_mask"], key_padding_mask], 1)
+        buffer["prev_key"], buffer["prev_value"] = k, v
+        buffer["prev_key_padding_mask"] = key_padding_mask
 
     def reorder_incremental_state(
         self, incremental_state: Optional[IncrementalState], new_order: Tensor
@@ -417,9 +485,15 @@ class LeaPMultiheadAttention(MultiheadAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """fairseq's attention, with ``causal`` and ``key_limit`` turned into fairseq masks."""
         blocked = None
-        if self.causal and incremental_state is None and attn_mask is None:
+        if self.causal and attn_mask is None and query.size(0) > 1:
+            # new token t sees the cached keys and new tokens 0 .. t
             length = query.size(0)
-            blocked = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+            cached = 0
+            if incremental_state is not None:
+                prev_key = self._get_input_buffer(incremental_state).get("prev_key")
+                cached = 0 if prev_key is None else prev_key.size(2)
+            blocked = torch.ones(length, cached + length, dtype=torch.bool,
+                                 device=query.device).triu(cached + 1)
         if key_limit is not None:
             source_length = query.size(0) if key is None else key.size(0)
             key_index = torch.arange(source_length, device=query.device)
@@ -429,6 +503,10 @@ class LeaPMultiheadAttention(MultiheadAttention):
             extra = torch.zeros(blocked.shape, dtype=query.dtype, device=query.device)
             extra = extra.masked_fill(blocked, float("-inf"))
             attn_mask = extra if attn_mask is None else attn_mask + extra
+        if incremental_state is None:
+            # static_kv only matters for the incremental cache; without one, fairseq's
+            # F.multi_head_attention_forward path is taken, which accepts per-sentence masks
+            static_kv = False
         return super().forward(
             query, key, value, key_padding_mask=key_padding_mask,
             incremental_state=incremental_state, need_weights=need_weights, static_kv=static_kv,

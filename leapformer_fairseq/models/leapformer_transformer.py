@@ -1,0 +1,272 @@
+"""Registered encoder-decoder models with LeaP attention (text to text).
+
+``leapformer_transformer``: offline encoder-decoder, bidirectional encoder.
+``leapformer_waitk_transformer``: simultaneous; causal encoder and wait-k cross-attention, so
+target token i attends source tokens ``0 .. i + k - 1`` in training exactly as in streaming.
+"""
+import argparse
+from contextvars import ContextVar
+from typing import Dict, Optional
+
+import torch
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import (
+    TransformerConfig,
+    TransformerDecoderBase,
+    TransformerEncoderBase,
+    TransformerModel,
+)
+from fairseq.models.transformer.transformer_legacy import base_architecture
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import (
+    TransformerDecoderLayerBase,
+    TransformerEncoderLayerBase,
+)
+from torch import Tensor, nn
+
+from .streaming import WaitkStream
+from .attention_config import (
+    AttentionConfig,
+    add_attention_args,
+    attention_config,
+    resolve_attention_types,
+)
+
+# fairseq's TransformerModel.build_model hands build_encoder/decoder a TransformerConfig, which
+# has no field for our options; the args of the model being built travel here instead.
+_ARGS_BEING_BUILT: ContextVar[argparse.Namespace] = ContextVar("leapformer_args_being_built")
+
+
+def _wrap_layer(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
+    """fairseq's activation checkpointing and FSDP wrapping, as for its own layers."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+
+
+class LeaPEncoderLayer(TransformerEncoderLayerBase):
+    def __init__(self, cfg: TransformerConfig, self_attention: AttentionConfig, return_fc=False):
+        self.self_attention_config = self_attention
+        super().__init__(cfg, return_fc=return_fc)
+
+    def build_self_attention(self, embed_dim, cfg):
+        return self.self_attention_config.build(
+            embed_dim, cfg.encoder.attention_heads, dropout=cfg.attention_dropout,
+            self_attention=True,
+        )
+
+    def forward_incremental(self, x: Tensor, incremental_state: Dict) -> Tensor:
+        """The layer on new frames ``(n, B, C)`` of a causal encoder; self-attention advances
+        its recurrent state (or cache) in ``incremental_state``. Same math as ``forward``."""
+        residual = x
+        if self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        x, _ = self.self_attn(query=x, key=x, value=x, incremental_state=incremental_state,
+                              need_weights=False)
+        x = self.residual_connection(self.dropout_module(x), residual)
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
+        x = self.fc2(self.activation_dropout_module(self.activation_fn(self.fc1(x))))
+        x = self.residual_connection(self.dropout_module(x), residual)
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class LeaPDecoderLayer(TransformerDecoderLayerBase):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        self_attention: AttentionConfig,
+        cross_attention: AttentionConfig,
+        no_encoder_attn: bool = False,
+    ):
+        if cfg.cross_self_attention:
+            raise ValueError("--cross-self-attention is not supported with LeaP attention")
+        self.self_attention_config = self_attention
+        self.cross_attention_config = cross_attention
+        super().__init__(cfg, no_encoder_attn)
+
+    def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
+        return self.self_attention_config.build(
+            embed_dim, cfg.decoder.attention_heads, dropout=cfg.attention_dropout,
+            self_attention=True, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn,
+        )
+
+    def build_encoder_attention(self, embed_dim, cfg):
+        return self.cross_attention_config.build(
+            embed_dim, cfg.decoder.attention_heads, kdim=cfg.encoder.embed_dim,
+            vdim=cfg.encoder.embed_dim, dropout=cfg.attention_dropout,
+            encoder_decoder_attention=True,
+        )
+
+
+class LeaPTransformerEncoder(TransformerEncoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, self_attention: AttentionConfig):
+        self.self_attention_config = self_attention
+        super().__init__(cfg, dictionary, embed_tokens)
+
+    def build_encoder_layer(self, cfg):
+        return _wrap_layer(
+            LeaPEncoderLayer(cfg, self.self_attention_config, return_fc=self.return_fc), cfg
+        )
+
+    def forward_new_tokens(self, tokens: Tensor, start: int, incremental_state: Dict) -> Tensor:
+        """Encode ``n`` new source tokens ``(B, n)`` at positions ``start ..`` of a causal encoder.
+
+        Work is O(n) per call: each layer advances its state in ``incremental_state``. Returns
+        ``(n, B, C)``, equal to the rows ``start ..`` of ``forward`` on the whole prefix.
+        """
+        if not self.self_attention_config.causal:
+            raise ValueError("streaming needs a causal encoder (leapformer_waitk_transformer)")
+        x = self.embed_scale * self.embed_tokens(tokens)
+        if self.embed_positions is not None:
+            x = x + self._position_rows(tokens, start, incremental_state)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x).transpose(0, 1)
+        for layer in self.layers:
+            x = layer.forward_incremental(x, incremental_state)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return x
+
+    def _position_rows(self, tokens: Tensor, start: int, incremental_state: Dict) -> Tensor:
+        """Positional embeddings of positions ``start .. start + n``, ``(B, n, C)``, read from a
+        table kept with the stream and grown by doubling (O(1) amortised per token)."""
+        needed = start + tokens.size(1)
+        table = incremental_state.get("encoder_position_table")
+        if table is None or table.size(1) < needed:
+            length = max(needed, 64 if table is None else 2 * table.size(1))
+            real_tokens = tokens.new_full((1, length), self.padding_idx + 1)
+            table = self.embed_positions(real_tokens)
+            incremental_state["encoder_position_table"] = table
+        return table[:, start:needed].expand(tokens.size(0), -1, -1)
+
+
+class LeaPTransformerDecoder(TransformerDecoderBase):
+    def __init__(
+        self,
+        cfg,
+        dictionary,
+        embed_tokens,
+        self_attention: AttentionConfig,
+        cross_attention: AttentionConfig,
+        no_encoder_attn: bool = False,
+    ):
+        self.self_attention_config = self_attention
+        self.cross_attention_config = cross_attention
+        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        layer = LeaPDecoderLayer(
+            cfg, self.self_attention_config, self.cross_attention_config, no_encoder_attn
+        )
+        return _wrap_layer(layer, cfg)
+
+    def extend_source(self, incremental_state: Dict, encoder_states: Tensor) -> None:
+        """Make new encoder states ``(n, B, C)`` visible to every layer's cross-attention."""
+        for layer in self.layers:
+            layer.encoder_attn.extend_source(incremental_state, encoder_states, encoder_states)
+
+
+@register_model("leapformer_transformer")
+class LeaPformerTransformerModel(TransformerModel):
+    """fairseq's transformer with LeaP (or cosFormer, linear, softmax) attention blocks."""
+
+    causal_encoder = False
+
+    @staticmethod
+    def add_args(parser):
+        TransformerModel.add_args(parser)
+        add_attention_args(parser)
+
+    @classmethod
+    def waitk_lagging(cls, args: argparse.Namespace) -> Optional[int]:
+        return None
+
+    @classmethod
+    def build_model(cls, args, task):
+        resolve_attention_types(args)
+        token = _ARGS_BEING_BUILT.set(args)
+        try:
+            return super().build_model(args, task)
+        finally:
+            _ARGS_BEING_BUILT.reset(token)
+
+    @classmethod
+    def build_encoder(cls, cfg, src_dict, embed_tokens):
+        args = _ARGS_BEING_BUILT.get()
+        return LeaPTransformerEncoder(
+            cfg, src_dict, embed_tokens, attention_config(args, "encoder", causal=cls.causal_encoder)
+        )
+
+    @classmethod
+    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
+        args = _ARGS_BEING_BUILT.get()
+        return LeaPTransformerDecoder(
+            cfg, tgt_dict, embed_tokens,
+            attention_config(args, "decoder", causal=True),
+            attention_config(args, "cross", waitk_lagging=cls.waitk_lagging(args)),
+            no_encoder_attn=cfg.no_cross_attention,
+        )
+
+
+@register_model("leapformer_waitk_transformer")
+class LeaPformerWaitkTransformerModel(LeaPformerTransformerModel):
+    """Simultaneous: causal encoder, wait-k cross-attention (``--waitk-lagging k``)."""
+
+    causal_encoder = True
+
+    @staticmethod
+    def add_args(parser):
+        LeaPformerTransformerModel.add_args(parser)
+        parser.add_argument("--waitk-lagging", type=int, metavar="K",
+                            help="wait-k lagging: target token i sees source tokens "
+                                 "0 .. i + K - 1 (required, >= 1)")
+
+    def start_stream(self, **options) -> "WaitkStream":
+        """A simultaneous wait-k greedy decoding of one sentence (see :class:`WaitkStream`)."""
+        return WaitkStream(self, **options)
+
+    @classmethod
+    def waitk_lagging(cls, args: argparse.Namespace) -> Optional[int]:
+        lagging = getattr(args, "waitk_lagging", None)
+        if lagging is None or lagging < 1:
+            raise ValueError(f"--waitk-lagging must be an integer >= 1, got {lagging}")
+        return lagging
+
+
+def _architecture(embed_dim: int, ffn_dim: int, layers: int, heads: int):
+    """A named hyper-parameter set; explicit command-line values take precedence."""
+
+    def set_defaults(args):
+        args.encoder_embed_dim = getattr(args, "encoder_embed_dim", embed_dim)
+        args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", ffn_dim)
+        args.encoder_layers = getattr(args, "encoder_layers", layers)
+        args.encoder_attention_heads = getattr(args, "encoder_attention_heads", heads)
+        args.decoder_embed_dim = getattr(args, "decoder_embed_dim", embed_dim)
+        args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", ffn_dim)
+        args.decoder_layers = getattr(args, "decoder_layers", layers)
+        args.decoder_attention_heads = getattr(args, "decoder_attention_heads", heads)
+        base_architecture(args)
+
+    return set_defaults
+
+
+ARCHITECTURES = {
+    "tiny": _architecture(embed_dim=32, ffn_dim=64, layers=2, heads=2),
+    "small": _architecture(embed_dim=256, ffn_dim=1024, layers=3, heads=4),
+    "base": _architecture(embed_dim=512, ffn_dim=2048, layers=6, heads=8),
+}
+
+for _model in ("leapformer_transformer", "leapformer_waitk_transformer"):
+    register_model_architecture(_model, _model)(ARCHITECTURES["base"])
+    for _size, _set_defaults in ARCHITECTURES.items():
+        register_model_architecture(_model, f"{_model}_{_size}")(_set_defaults)

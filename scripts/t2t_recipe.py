@@ -1,0 +1,279 @@
+"""Simultaneous text-to-text recipe: prepare -> train -> evaluate with SimulEval.
+
+    python scripts/t2t_recipe.py prepare --corpus ../data/en-de.{split}.tsv --src en --tgt de \
+        --out work/en-de
+    python scripts/t2t_recipe.py train --data work/en-de --attn-type leap --waitk 3
+    python scripts/t2t_recipe.py evaluate --data work/en-de --attn-types leap,softmax --waitk 3,5
+    python scripts/t2t_recipe.py demo          # all three on the built-in slice (make demo)
+
+Corpora: the gettext-mt TSV layout (``domain<TAB>src<TAB>tgt`` with a header line), given as a
+pattern with ``{split}``, or plain parallel files ``PREFIX.{split}.SRC`` / ``PREFIX.{split}.TGT``
+via ``--plain-prefix``. Every step logs what it runs; failures name the step and file.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PLUGIN = ROOT / "leapformer_fairseq"
+AGENT = ROOT / "simuleval_agents" / "leap_waitk_text_agent.py"
+SPLITS = ("train", "valid", "test")
+LATENCY_METRICS = ("AL", "LAAL", "AP", "DAL")
+
+
+def log(message: str) -> None:
+    print(f"[t2t {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(command: Sequence[str], what: str, cwd: Path = ROOT) -> None:
+    """Run a command, streaming its output; stop with a message naming the step if it fails."""
+    log(f"{what}: {' '.join(str(c) for c in command)}")
+    done = subprocess.run([str(c) for c in command], cwd=cwd)
+    if done.returncode != 0:
+        raise SystemExit(f"[t2t] {what} failed (exit code {done.returncode})")
+
+
+# ---------------------------------------------------------------------------- prepare
+def read_pairs(args, split: str) -> List[Tuple[str, str]]:
+    if args.plain_prefix:
+        src_path = Path(f"{args.plain_prefix}.{split}.{args.src}")
+        tgt_path = Path(f"{args.plain_prefix}.{split}.{args.tgt}")
+        for path in (src_path, tgt_path):
+            if not path.is_file():
+                raise SystemExit(f"[t2t] prepare: missing {path} (--plain-prefix)")
+        sources = src_path.read_text(encoding="utf-8").splitlines()
+        targets = tgt_path.read_text(encoding="utf-8").splitlines()
+        if len(sources) != len(targets):
+            raise SystemExit(f"[t2t] prepare: {src_path} has {len(sources)} lines, "
+                             f"{tgt_path} has {len(targets)}")
+        return list(zip(sources, targets))
+    path = Path(args.corpus.format(split=split))
+    if not path.is_file():
+        raise SystemExit(f"[t2t] prepare: missing {path} (--corpus with {{split}})")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    if header[1:] != [args.src, args.tgt]:
+        raise SystemExit(f"[t2t] prepare: {path} header is {header}, expected "
+                         f"['domain', '{args.src}', '{args.tgt}']")
+    pairs = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise SystemExit(f"[t2t] prepare: {path}:{number} has {len(fields)} fields, not 3")
+        pairs.append((fields[1].strip(), fields[2].strip()))
+    return pairs
+
+
+def prepare(args) -> None:
+    import sentencepiece
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = {split: read_pairs(args, split) for split in SPLITS}
+    for split in SPLITS:
+        limit = getattr(args, f"max_{split}")
+        if limit:
+            pairs[split] = pairs[split][:limit]
+        log(f"prepare: {split}: {len(pairs[split])} pairs")
+        for side, index in ((args.src, 0), (args.tgt, 1)):
+            (out / f"{split}.{side}").write_text(
+                "".join(pair[index] + "\n" for pair in pairs[split]), encoding="utf-8")
+    log(f"prepare: SentencePiece unigram, joint {args.src}+{args.tgt}, "
+        f"vocabulary {args.vocab_size}")
+    sentencepiece.SentencePieceTrainer.train(
+        input=[str(out / f"train.{args.src}"), str(out / f"train.{args.tgt}")],
+        model_prefix=str(out / "spm"), vocab_size=args.vocab_size, model_type="unigram",
+        character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1,
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    for split in SPLITS:
+        for side in (args.src, args.tgt):
+            lines = (out / f"{split}.{side}").read_text(encoding="utf-8").splitlines()
+            (out / f"{split}.spm.{side}").write_text(
+                "".join(" ".join(spm.encode(line, out_type=str)) + "\n" for line in lines),
+                encoding="utf-8")
+    shutil.rmtree(out / "data-bin", ignore_errors=True)
+    run([BIN / "fairseq-preprocess", "--source-lang", args.src, "--target-lang", args.tgt,
+         "--trainpref", out / "train.spm", "--validpref", out / "valid.spm",
+         "--testpref", out / "test.spm", "--destdir", out / "data-bin", "--joined-dictionary",
+         "--workers", "2"], "prepare: fairseq-preprocess")
+    (out / "recipe.json").write_text(json.dumps({"src": args.src, "tgt": args.tgt}) + "\n")
+    log(f"prepare: done -> {out}")
+
+
+# ------------------------------------------------------------------------------ train
+def run_dir(data: Path, attn_type: str, waitk: int) -> Path:
+    return data / "runs" / f"{attn_type}_k{waitk}"
+
+
+def train(args) -> None:
+    data = Path(args.data)
+    if not (data / "data-bin").is_dir():
+        raise SystemExit(f"[t2t] train: {data / 'data-bin'} not found; run prepare first")
+    save = run_dir(data, args.attn_type, args.waitk)
+    save.mkdir(parents=True, exist_ok=True)
+    run([BIN / "fairseq-train", data / "data-bin", "--user-dir", PLUGIN,
+         "--task", "translation", "--arch", args.arch, "--waitk-lagging", args.waitk,
+         "--encoder-attn-type", args.attn_type, "--decoder-attn-type", args.attn_type,
+         "--cross-attn-type", args.attn_type, "--share-all-embeddings",
+         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
+         "--lr", args.lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup,
+         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+         "--dropout", "0.1", "--max-tokens", args.max_tokens, "--max-update", args.max_update,
+         "--save-dir", save, "--no-epoch-checkpoints", "--save-interval-updates",
+         args.max_update, "--keep-interval-updates", "1", "--seed", args.seed,
+         "--log-format", "simple", "--log-interval", "20", "--num-workers", "0",
+         *(["--cpu"] if args.cpu else ["--fp16"] if args.fp16 else []), *args.fairseq_args],
+        f"train {args.attn_type} wait-{args.waitk}")
+    log(f"train: checkpoints in {save}")
+
+
+# --------------------------------------------------------------------------- evaluate
+def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, sentences: int,
+              extra: Sequence[str] = ()) -> Dict[str, float]:
+    recipe = json.loads((data / "recipe.json").read_text())
+    source, target = data / f"test.{recipe['src']}", data / f"test.{recipe['tgt']}"
+    if sentences:
+        output.mkdir(parents=True, exist_ok=True)
+        for path, name in ((source, "source.txt"), (target, "target.txt")):
+            lines = path.read_text(encoding="utf-8").splitlines()[:sentences]
+            (output / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        source, target = output / "source.txt", output / "target.txt"
+    run([BIN / "simuleval", "--agent", AGENT, "--source", source, "--target", target,
+         "--checkpoint", checkpoint, "--data-bin", data / "data-bin", "--spm",
+         data / "spm.model", "--waitk", waitk, "--output", output,
+         "--quality-metrics", "BLEU", "--latency-metrics", *LATENCY_METRICS,
+         "--eval-latency-unit", "word", *extra],
+        f"simuleval wait-{waitk} {checkpoint.parent.name}")
+    return read_scores(output / "scores.tsv")
+
+
+def read_scores(path: Path) -> Dict[str, float]:
+    if not path.is_file():
+        raise SystemExit(f"[t2t] evaluate: SimulEval wrote no {path}")
+    header, values = path.read_text().splitlines()[:2]
+    return {name: float(value) for name, value in zip(header.split("\t"), values.split("\t"))}
+
+
+def evaluate(args) -> None:
+    data = Path(args.data)
+    rows = []
+    for attn_type in args.attn_types.split(","):
+        for waitk in (int(k) for k in args.waitk.split(",")):
+            checkpoint = run_dir(data, attn_type, waitk) / "checkpoint_last.pt"
+            if not checkpoint.is_file():
+                raise SystemExit(f"[t2t] evaluate: missing {checkpoint}; run train "
+                                 f"--attn-type {attn_type} --waitk {waitk} first")
+            output = data / "eval" / f"{attn_type}_k{waitk}"
+            scores = simuleval(data, checkpoint, output, waitk, args.sentences)
+            rows.append({"attn_type": attn_type, "waitk": waitk, **scores})
+    write_table(rows, data / "eval")
+
+
+def write_table(rows: List[Dict], out: Path) -> None:
+    columns = ["attn_type", "waitk", "BLEU", *LATENCY_METRICS]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(
+            f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
+            for c in columns) + " |")
+    table = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 4))
+    for attn_type in sorted({row["attn_type"] for row in rows}):
+        points = sorted((row["AL"], row["BLEU"], row["waitk"]) for row in rows
+                        if row["attn_type"] == attn_type)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=attn_type)
+        for al, bleu, waitk in points:
+            axis.annotate(f"k={waitk}", (al, bleu), fontsize=8)
+    axis.set(xlabel="AL (words)", ylabel="BLEU", title="BLEU vs AL")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "bleu_vs_al.png", dpi=110)
+    log(f"evaluate: {out / 'results.md'}, {out / 'bleu_vs_al.png'}")
+
+
+# ------------------------------------------------------------------------------- demo
+def demo(args) -> None:
+    out = Path(args.out)
+    corpus = ROOT / "data" / "gettext-mt" / "en-de.{split}.tsv"
+    prepare(argparse.Namespace(corpus=str(corpus), plain_prefix=None, src="en", tgt="de",
+                               out=str(out), vocab_size=args.vocab_size, max_train=0,
+                               max_valid=0, max_test=args.sentences))
+    train(argparse.Namespace(
+        data=str(out), attn_type="leap", waitk=3, arch="leapformer_waitk_transformer_small",
+        lr=1e-3, warmup=200, max_tokens=4096, max_update=args.max_update, seed=1, cpu=True,
+        fp16=False, fairseq_args=[]))
+    scores = simuleval(out, run_dir(out, "leap", 3) / "checkpoint_last.pt",
+                       out / "eval" / "leap_k3", 3, args.sentences)
+    print(f"\nDemo (LeaP wait-3, {args.max_update} updates, {args.sentences} test sentences): "
+          f"BLEU {scores['BLEU']:.2f}  AL {scores['AL']:.2f}  LAAL {scores['LAAL']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="SentencePiece + fairseq-preprocess")
+    p.add_argument("--corpus", help="gettext-mt TSV path with {split}, e.g. en-de.{split}.tsv")
+    p.add_argument("--plain-prefix", help="plain files PREFIX.{train,valid,test}.{src,tgt}")
+    p.add_argument("--src", default="en")
+    p.add_argument("--tgt", default="de")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=4000)
+    for split in SPLITS:
+        p.add_argument(f"--max-{split}", type=int, default=0, help="keep the first N pairs")
+    p.set_defaults(run=prepare)
+
+    p = commands.add_parser("train", help="fairseq-train a wait-k model")
+    p.add_argument("--data", required=True, help="the prepare --out directory")
+    p.add_argument("--attn-type", default="leap", choices=["leap", "cosformer", "linear",
+                                                            "softmax"])
+    p.add_argument("--waitk", type=int, default=3)
+    p.add_argument("--arch", default="leapformer_waitk_transformer_small")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=400)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--max-update", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cpu", action="store_true", help="train on the CPU")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("fairseq_args", nargs="*", help="more fairseq-train options, after --")
+    p.set_defaults(run=train)
+
+    p = commands.add_parser("evaluate", help="SimulEval for attention types x k values")
+    p.add_argument("--data", required=True)
+    p.add_argument("--attn-types", default="leap,softmax")
+    p.add_argument("--waitk", default="3,5")
+    p.add_argument("--sentences", type=int, default=0, help="first N test sentences (0: all)")
+    p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("demo", help="prepare + train + evaluate on the built-in slice")
+    p.add_argument("--out", default=str(ROOT / "work" / "demo"))
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--max-update", type=int, default=600)
+    p.add_argument("--sentences", type=int, default=100)
+    p.set_defaults(run=demo)
+
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""SimulEval 1.1 text-to-text agent: wait-k decoding streamed through the model's state.
+
+    simuleval --agent simuleval_agents/leap_waitk_text_agent.py \
+        --source test.en --target test.de --checkpoint checkpoint_best.pt \
+        --data-bin data-bin --spm spm.model --output out/
+
+Incoming source words are cut into SentencePiece pieces (the units the model was trained on)
+and pushed into the stream; target pieces are predicted greedily as wait-k allows and written
+as whole detokenised words. The agent only talks to the model's streaming API
+(``model.start_stream()``: push_source / finish_source / predict). SimulEval's own
+``--device`` option picks the device.
+"""
+from argparse import ArgumentParser, Namespace
+from typing import List
+
+import sentencepiece
+from simuleval.agents import TextToTextAgent
+from simuleval.agents.actions import ReadAction, WriteAction
+from simuleval.utils import entrypoint
+
+from leapformer_fairseq.models.streaming import load_streaming_model
+
+
+@entrypoint
+class LeaPWaitkTextAgent(TextToTextAgent):
+    def __init__(self, args: Namespace):
+        self.model, task = load_streaming_model(args.checkpoint, args.data_bin, args.device)
+        self.source_dictionary = task.source_dictionary
+        self.target_dictionary = task.target_dictionary
+        self.spm = sentencepiece.SentencePieceProcessor(model_file=args.spm)
+        self.stream_options = dict(waitk=args.waitk, max_len_a=args.max_len_a,
+                                   max_len_b=args.max_len_b, recompute=args.recompute)
+        super().__init__(args)  # calls reset()
+
+    @staticmethod
+    def add_args(parser: ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, help="a wait-k model checkpoint")
+        parser.add_argument("--data-bin", default=None,
+                            help="directory with the fairseq dictionaries (default: the "
+                                 "checkpoint's training data directory)")
+        parser.add_argument("--spm", required=True, help="SentencePiece model of the corpus")
+        parser.add_argument("--waitk", type=int, default=None,
+                            help="lagging k (default: the model's --waitk-lagging)")
+        parser.add_argument("--max-len-a", type=float, default=2.0,
+                            help="stop at max-len-a * source pieces + max-len-b target pieces")
+        parser.add_argument("--max-len-b", type=int, default=10)
+        parser.add_argument("--recompute", action="store_true",
+                            help="re-encode and re-decode the whole prefix at every step "
+                                 "(the reference implementation's way), for comparison")
+
+    def reset(self) -> None:
+        super().reset()
+        self.stream = self.model.start_stream(**self.stream_options)
+        self.words_pushed = 0
+        self.partial_word: List[str] = []
+
+    def policy(self) -> ReadAction | WriteAction:
+        for word in self.states.source[self.words_pushed:]:
+            pieces = self.spm.encode(word, out_type=str)
+            self.stream.push_source([self.source_dictionary.index(p) for p in pieces])
+        self.words_pushed = len(self.states.source)
+        if self.states.source_finished:
+            self.stream.finish_source()
+
+        words: List[str] = []
+        while self.stream.ready_to_write() and not self.stream.finished:
+            token = self.stream.predict()
+            if token == self.target_dictionary.eos():
+                break
+            piece = self.target_dictionary[token]
+            if piece.startswith("\u2581") and self.partial_word:
+                words.append(self.spm.decode_pieces(self.partial_word))
+                self.partial_word = []
+            self.partial_word.append(piece)
+        if self.stream.finished:
+            if self.partial_word:
+                words.append(self.spm.decode_pieces(self.partial_word))
+            return WriteAction(" ".join(words), finished=True)
+        if words:
+            return WriteAction(" ".join(words), finished=False)
+        return ReadAction()
