@@ -1,7 +1,8 @@
 """LeaPformer for fairseq: LeaP linear attention for simultaneous translation.
 
-Use with ``fairseq-train --user-dir leapformer_fairseq``. Importing the package also makes
-fairseq checkpoints load under torch >= 2.6 (see :mod:`leapformer_fairseq.compat`).
+Use with ``fairseq-train --user-dir leapformer_fairseq``. Importing the package registers the
+models and makes fairseq checkpoints load under torch >= 2.6 (see
+:mod:`leapformer_fairseq.compat`).
 """
 from leapformer_fairseq.compat import allow_fairseq_checkpoints
 
@@ -9,5 +10,6 @@ allow_fairseq_checkpoints()
 
 from leapformer_fairseq import ops  # noqa: E402
 from leapformer_fairseq.modules import LeaPMultiheadAttention  # noqa: E402
+from leapformer_fairseq import models  # noqa: E402  (registers the architectures)
 
-__all__ = ["LeaPMultiheadAttention", "allow_fairseq_checkpoints", "ops"]
+__all__ = ["LeaPMultiheadAttention", "allow_fairseq_checkpoints", "models", "ops"]
