@@ -217,7 +217,7 @@ def demo(args) -> None:
                                max_valid=0, max_test=args.sentences))
     train(argparse.Namespace(
         data=str(out), attn_type="leap", waitk=3, arch="leapformer_waitk_transformer_small",
-        lr=1e-3, warmup=200, max_tokens=4096, max_update=args.max_update, seed=1, cpu=True,
+        lr=2e-3, warmup=100, max_tokens=4096, max_update=args.max_update, seed=1, cpu=True,
         fp16=False, fairseq_args=[]))
     scores = simuleval(out, run_dir(out, "leap", 3) / "checkpoint_last.pt",
                        out / "eval" / "leap_k3", 3, args.sentences)
@@ -267,7 +267,7 @@ def main() -> None:
     p = commands.add_parser("demo", help="prepare + train + evaluate on the built-in slice")
     p.add_argument("--out", default=str(ROOT / "work" / "demo"))
     p.add_argument("--vocab-size", type=int, default=2000)
-    p.add_argument("--max-update", type=int, default=600)
+    p.add_argument("--max-update", type=int, default=300)
     p.add_argument("--sentences", type=int, default=100)
     p.set_defaults(run=demo)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .chunk import causal_linear_attention
-from .recurrent import LinearAttentionState, empty_state
+from .recurrent import LinearAttentionState
 
 # feature_map(x_block, rows) -> (phi_q, phi_k, v): the rows ``rows`` of ``x`` (``x[:, rows]``) to
 # query and key features ``(N, b, f)`` and values ``(N, b, dv)`` (``None`` when the values are
@@ -48,35 +48,37 @@ class _BlockwiseCausal(torch.autograd.Function):
         blocks = _block_rows(length, block_size)
         kv_states, k_sum_states = [], []
         state: Optional[LinearAttentionState] = None
-        for rows in blocks:
+        for index, rows in enumerate(blocks):
             values_block = None if values is None else values[:, rows]
             phi_q, phi_k, v = _block_inputs(feature_map, x[:, rows], values_block, rows)
-            if state is None:
-                state = empty_state(v.shape[0], phi_q.shape[-1], v.shape[-1], v.device, v.dtype)
+            if index == 0:
                 # Rows outermost in memory: for fairseq's ``(L, B * H, d)`` layout, merging the
                 # heads of the output back is then a view, not a copy.
                 out = v.new_empty(length, v.shape[0], v.shape[-1]).transpose(0, 1)
-            kv_states.append(state.kv)
-            k_sum_states.append(state.k_sum)
+            else:
+                kv_states.append(state.kv)
+                k_sum_states.append(state.k_sum)
             mask = None if key_padding_mask is None else key_padding_mask[:, rows]
             out[:, rows], state = causal_linear_attention(
-                phi_q, phi_k, v, chunk_size, mask, eps, initial_state=state
+                phi_q, phi_k, v, chunk_size, mask, eps, initial_state=state,
+                output_final_state=index + 1 < len(blocks),
             )
         ctx.feature_map, ctx.chunk_size, ctx.blocks = feature_map, chunk_size, blocks
         ctx.key_padding_mask, ctx.eps = key_padding_mask, eps
-        ctx.save_for_backward(
-            x, values, torch.stack(kv_states), torch.stack(k_sum_states), *params
-        )
+        ctx.n_states = len(kv_states)
+        ctx.save_for_backward(x, values, *kv_states, *k_sum_states, *params)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, values, kv_states, k_sum_states, *params = ctx.saved_tensors
+        x, values, *rest = ctx.saved_tensors
+        n_states = ctx.n_states
+        kv_states, k_sum_states = rest[:n_states], rest[n_states:2 * n_states]
+        params = rest[2 * n_states:]
         grad_x = torch.zeros_like(x)
         grad_values = None if values is None else torch.zeros_like(values)
         grad_params = [torch.zeros_like(p) for p in params]
-        grad_kv = torch.zeros_like(kv_states[0])
-        grad_k_sum = torch.zeros_like(k_sum_states[0])
+        grad_state: List[Tensor] = []  # gradient w.r.t. the state leaving the current block
         for index in reversed(range(len(ctx.blocks))):
             rows = ctx.blocks[index]
             with torch.enable_grad():
@@ -84,24 +86,27 @@ class _BlockwiseCausal(torch.autograd.Function):
                 values_block = None
                 if values is not None:
                     values_block = values.detach()[:, rows].requires_grad_()
-                initial = [kv_states[index].detach().requires_grad_(),
-                           k_sum_states[index].detach().requires_grad_()]
+                initial = [] if index == 0 else [
+                    kv_states[index - 1].detach().requires_grad_(),
+                    k_sum_states[index - 1].detach().requires_grad_(),
+                ]
                 phi_q, phi_k, v = _block_inputs(ctx.feature_map, x_block, values_block, rows)
                 mask = None if ctx.key_padding_mask is None else ctx.key_padding_mask[:, rows]
                 out, state = causal_linear_attention(
                     phi_q, phi_k, v, ctx.chunk_size, mask, ctx.eps,
-                    initial_state=LinearAttentionState(*initial),
+                    initial_state=LinearAttentionState(*initial) if initial else None,
+                    output_final_state=bool(grad_state),
                 )
+                outputs = [out, *([state.kv, state.k_sum] if grad_state else [])]
                 leaves = [x_block, *initial, *params]
                 if values is not None:
                     leaves.append(values_block)
                 grads = torch.autograd.grad(
-                    [out, state.kv, state.k_sum], leaves,
-                    [grad_out[:, rows], grad_kv, grad_k_sum], allow_unused=True,
+                    outputs, leaves, [grad_out[:, rows], *grad_state], allow_unused=True,
                 )
             grad_x[:, rows] = grads[0]
-            grad_kv, grad_k_sum = grads[1], grads[2]
-            for total, grad in zip(grad_params, grads[3:3 + len(params)]):
+            grad_state = list(grads[1:1 + len(initial)])
+            for total, grad in zip(grad_params, grads[1 + len(initial):][:len(params)]):
                 if grad is not None:
                     total += grad
             if values is not None:
@@ -129,13 +134,22 @@ def blockwise_causal_linear_attention(
         feature_params: the parameters ``feature_map`` uses, so they receive gradients.
         values: ``(N, L, dv)`` values that cannot be recomputed (e.g. after dropout), or None.
         chunk_size: chunk length of the causal chunked form inside a block.
-        block_size: rows per recomputed block (working memory is ``O(block_size)``).
+        block_size: rows per recomputed block (working memory is ``O(block_size)``); a
+            sequence of at most one block is computed directly, without recomputation.
         key_padding_mask: ``(N, L)`` bool, True at padding.
     Returns:
         ``(N, L, dv)``, laid out rows-outermost in memory.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    length = x.shape[1]
+    if length <= block_size:
+        # One block: plain autograd keeps O(block_size) intermediates anyway, and skipping the
+        # recomputation halves the work on short sequences (text).
+        phi_q, phi_k, v = _block_inputs(feature_map, x, values, slice(0, length))
+        out, _ = causal_linear_attention(phi_q, phi_k, v, chunk_size, key_padding_mask, eps,
+                                         output_final_state=False)
+        return out
     return _BlockwiseCausal.apply(
         feature_map, chunk_size, block_size, key_padding_mask, eps, x, values, *feature_params
     )

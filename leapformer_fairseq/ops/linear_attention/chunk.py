@@ -17,21 +17,26 @@ def causal_linear_attention(
     key_padding_mask: Tensor | None = None,
     eps: float = 0.1,
     initial_state: LinearAttentionState | None = None,
-) -> tuple[Tensor, LinearAttentionState]:
+    output_final_state: bool = True,
+) -> tuple[Tensor, LinearAttentionState | None]:
     """Query i sees keys ``j <= i`` (and everything in ``initial_state``).
 
     Args:
         q: ``(N, L, f)`` query features; k: ``(N, L, f)`` key features; v: ``(N, L, dv)``.
-        chunk_size: rows per chunk; ``L`` need not be a multiple of it.
+        chunk_size: rows per chunk; ``L`` need not be a multiple of it. A sequence no longer
+            than one chunk is a single chunk of its own length: masked ``L x L`` scores, and
+            no ``f x dv`` state unless one is carried in or asked for.
         key_padding_mask: ``(N, L)`` bool, True at padding (those keys contribute nothing).
         initial_state: sums over keys that precede this block (incremental use).
+        output_final_state: also return the state after the last key (at least float32).
     Returns:
-        ``(N, L, dv)`` outputs and the state after the last key (at least float32).
+        ``(N, L, dv)`` outputs and the final state (``None`` if not asked for).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     batch, length, feature_dim = q.shape
     value_dim = v.shape[-1]
+    chunk_size = min(chunk_size, length)
     if key_padding_mask is not None:
         k = k.masked_fill(key_padding_mask[..., None], 0.0)
     padding = (-length) % chunk_size
@@ -42,24 +47,28 @@ def causal_linear_attention(
     k = k.reshape(batch, n_chunks, chunk_size, feature_dim)
     v = v.reshape(batch, n_chunks, chunk_size, value_dim)
 
-    # Sums over each chunk, then exclusive prefix sums over chunks, accumulated in float32.
-    accumulate = state_dtype(q.dtype)
-    kv_chunk = torch.einsum("bcif,bcid->bcfd", k, v).to(accumulate)
-    k_chunk = k.sum(dim=2).to(accumulate)
-    kv_before = F.pad(kv_chunk[:, :-1].cumsum(dim=1), (0, 0, 0, 0, 1, 0))
-    k_before = F.pad(k_chunk[:, :-1].cumsum(dim=1), (0, 0, 1, 0))
-    kv_final = kv_before[:, -1] + kv_chunk[:, -1]
-    k_final = k_before[:, -1] + k_chunk[:, -1]
-    if initial_state is not None:
-        kv_before = kv_before + initial_state.kv[:, None]
-        k_before = k_before + initial_state.k_sum[:, None]
-        kv_final = kv_final + initial_state.kv
-        k_final = k_final + initial_state.k_sum
-
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
     scores = torch.einsum("bcif,bcjf->bcij", q, k).masked_fill(~causal, 0.0)
-    numerator = torch.matmul(scores, v) + torch.matmul(q, kv_before.to(q.dtype))
-    denominator = scores.sum(dim=-1) + torch.einsum("bcif,bcf->bci", q, k_before.to(q.dtype))
+    numerator = torch.matmul(scores, v)
+    denominator = scores.sum(dim=-1)
+    final_state = None
+    if n_chunks > 1 or initial_state is not None or output_final_state:
+        # Sums over each chunk, then exclusive prefix sums over chunks, accumulated in float32.
+        accumulate = state_dtype(q.dtype)
+        kv_chunk = torch.einsum("bcif,bcid->bcfd", k, v).to(accumulate)
+        k_chunk = k.sum(dim=2).to(accumulate)
+        kv_before = F.pad(kv_chunk[:, :-1].cumsum(dim=1), (0, 0, 0, 0, 1, 0))
+        k_before = F.pad(k_chunk[:, :-1].cumsum(dim=1), (0, 0, 1, 0))
+        if initial_state is not None:
+            kv_before = kv_before + initial_state.kv[:, None]
+            k_before = k_before + initial_state.k_sum[:, None]
+        if output_final_state:
+            final_state = LinearAttentionState(kv=kv_before[:, -1] + kv_chunk[:, -1],
+                                               k_sum=k_before[:, -1] + k_chunk[:, -1])
+        if n_chunks > 1 or initial_state is not None:
+            numerator = numerator + torch.matmul(q, kv_before.to(q.dtype))
+            denominator = denominator + torch.einsum("bcif,bcf->bci", q,
+                                                     k_before.to(q.dtype))
     out = numerator / denominator.clamp_min(eps)[..., None]
     out = out.reshape(batch, n_chunks * chunk_size, value_dim)[:, :length]
-    return out, LinearAttentionState(kv=kv_final, k_sum=k_final)
+    return out, final_state
