@@ -191,7 +191,7 @@ def generate_cli(data_bin, checkpoint):
 
 
 def test_generate_beam4_same_with_and_without_incremental_decoding(data_bin, tmp_path):
-    from fairseq import checkpoint_utils, tasks, utils
+    from fairseq import checkpoint_utils, utils
     from fairseq.sequence_generator import SequenceGenerator
 
     checkpoint = train_cli(data_bin, tmp_path, "--arch", "leapformer_transformer_tiny")

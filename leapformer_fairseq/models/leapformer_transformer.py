@@ -8,8 +8,6 @@ import argparse
 from contextvars import ContextVar
 from typing import Dict, Optional
 
-import torch
-
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
@@ -26,13 +24,13 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
-from .streaming import WaitkStream
 from .attention_config import (
     AttentionConfig,
     add_attention_args,
     attention_config,
     resolve_attention_types,
 )
+from .streaming import WaitkStream
 
 # fairseq's TransformerModel.build_model hands build_encoder/decoder a TransformerConfig, which
 # has no field for our options; the args of the model being built travel here instead.

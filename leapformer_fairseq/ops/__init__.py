@@ -5,13 +5,38 @@ from .feature_map import (
     relu_features,
     sincos_features,
 )
-from .linear_attention import *  # noqa: F401,F403
-from .linear_attention import __all__ as _linear_attention_all
+from .linear_attention import (
+    FeatureMap,
+    LinearAttentionState,
+    bidirectional_linear_attention,
+    blockwise_causal_linear_attention,
+    causal_linear_attention,
+    empty_state,
+    naive_leap_attention,
+    naive_softmax_attention,
+    prefix_linear_attention,
+    query_state,
+    recurrent_step,
+    state_dtype,
+    update_state,
+)
 
 __all__ = [
+    "FeatureMap",
+    "LinearAttentionState",
+    "bidirectional_linear_attention",
+    "blockwise_causal_linear_attention",
+    "causal_linear_attention",
     "cosformer_proportions",
+    "empty_state",
+    "naive_leap_attention",
+    "naive_softmax_attention",
     "positions_from_padding",
+    "prefix_linear_attention",
+    "query_state",
+    "recurrent_step",
     "relu_features",
     "sincos_features",
-    *_linear_attention_all,
+    "state_dtype",
+    "update_state",
 ]
