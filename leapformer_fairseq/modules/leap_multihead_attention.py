@@ -280,7 +280,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
             out, state = ops.causal_linear_attention(
                 q, k, v, self.chunk_size, mask, self.eps, initial_state=state
             )
-        self._store_state(buffer, state, position + self._count_tokens(x, padding_mask), "position")
+        position = position + self._count_tokens(x, padding_mask)
+        self._store_state(buffer, state, position, "position")
         self._set_input_buffer(incremental_state, buffer)
         return out
 
@@ -299,8 +300,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         holds new source units that extend the cached sums (``None`` adds nothing).
         """
         bsz = query.size(1)
-        if key is not None and not (static_kv and "kv_state" in self._get_input_buffer(
-                incremental_state)):
+        source_cached = "kv_state" in self._get_input_buffer(incremental_state)
+        if key is not None and not (static_kv and source_cached):
             self.extend_source(incremental_state, key, value, key_padding_mask)
         buffer = self._get_input_buffer(incremental_state)
         state, _ = self._load_state(buffer, bsz, "key_position", query)
