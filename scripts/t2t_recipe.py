@@ -16,11 +16,16 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# The tools run as modules of this interpreter, so the recipe works wherever the packages import
+# (a venv, PYTHONPATH), with or without their console scripts on PATH.
+FAIRSEQ_PREPROCESS = [sys.executable, "-m", "fairseq_cli.preprocess"]
+FAIRSEQ_TRAIN = [sys.executable, "-m", "fairseq_cli.train"]
+SIMULEVAL = [sys.executable, "-m", "simuleval.cli"]
 PLUGIN = ROOT / "leapformer_fairseq"
 AGENT = ROOT / "simuleval_agents" / "leap_waitk_text_agent.py"
 SPLITS = ("train", "valid", "test")
@@ -31,12 +36,21 @@ def log(message: str) -> None:
     print(f"[t2t {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run(command: Sequence[str], what: str, cwd: Path = ROOT) -> None:
-    """Run a command, streaming its output; stop with a message naming the step if it fails."""
-    log(f"{what}: {' '.join(str(c) for c in command)}")
-    done = subprocess.run([str(c) for c in command], cwd=cwd)
+def run(command: Sequence[str], what: str, cwd: Path = ROOT,
+        log_file: Optional[Path] = None) -> None:
+    """Run a command, streaming its output (or writing it to ``log_file``); stop with a message
+    naming the step if it fails."""
+    log(f"{what}: {' '.join(str(c) for c in command)}"
+        + (f" > {log_file}" if log_file else ""))
+    if log_file is None:
+        done = subprocess.run([str(c) for c in command], cwd=cwd)
+    else:
+        with open(log_file, "w") as output:
+            done = subprocess.run([str(c) for c in command], cwd=cwd, stdout=output,
+                                  stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise SystemExit(f"[t2t] {what} failed (exit code {done.returncode})")
+        where = f"; its output is in {log_file}" if log_file else ""
+        raise SystemExit(f"[t2t] {what} failed (exit code {done.returncode}){where}")
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -100,7 +114,7 @@ def prepare(args) -> None:
                 "".join(" ".join(spm.encode(line, out_type=str)) + "\n" for line in lines),
                 encoding="utf-8")
     shutil.rmtree(out / "data-bin", ignore_errors=True)
-    run([BIN / "fairseq-preprocess", "--source-lang", args.src, "--target-lang", args.tgt,
+    run([*FAIRSEQ_PREPROCESS, "--source-lang", args.src, "--target-lang", args.tgt,
          "--trainpref", out / "train.spm", "--validpref", out / "valid.spm",
          "--testpref", out / "test.spm", "--destdir", out / "data-bin", "--joined-dictionary",
          "--workers", "2"], "prepare: fairseq-preprocess")
@@ -119,7 +133,7 @@ def train(args) -> None:
         raise SystemExit(f"[t2t] train: {data / 'data-bin'} not found; run prepare first")
     save = run_dir(data, args.attn_type, args.waitk)
     save.mkdir(parents=True, exist_ok=True)
-    run([BIN / "fairseq-train", data / "data-bin", "--user-dir", PLUGIN,
+    run([*FAIRSEQ_TRAIN, data / "data-bin", "--user-dir", PLUGIN,
          "--task", "translation", "--arch", args.arch, "--waitk-lagging", args.waitk,
          "--encoder-attn-type", args.attn_type, "--decoder-attn-type", args.attn_type,
          "--cross-attn-type", args.attn_type, "--share-all-embeddings",
@@ -137,21 +151,24 @@ def train(args) -> None:
 
 # --------------------------------------------------------------------------- evaluate
 def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, sentences: int,
-              extra: Sequence[str] = ()) -> Dict[str, float]:
+              extra: Sequence[str] = (), quiet: bool = False) -> Dict[str, float]:
+    """SimulEval CLI with the agent on the test set (or its first ``sentences``) into ``output``;
+    ``quiet`` sends its output to ``output/simuleval.log`` instead of the terminal."""
     recipe = json.loads((data / "recipe.json").read_text())
     source, target = data / f"test.{recipe['src']}", data / f"test.{recipe['tgt']}"
+    output.mkdir(parents=True, exist_ok=True)
     if sentences:
-        output.mkdir(parents=True, exist_ok=True)
         for path, name in ((source, "source.txt"), (target, "target.txt")):
             lines = path.read_text(encoding="utf-8").splitlines()[:sentences]
             (output / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         source, target = output / "source.txt", output / "target.txt"
-    run([BIN / "simuleval", "--agent", AGENT, "--source", source, "--target", target,
+    run([*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
          "--checkpoint", checkpoint, "--data-bin", data / "data-bin", "--spm",
          data / "spm.model", "--waitk", waitk, "--output", output,
          "--quality-metrics", "BLEU", "--latency-metrics", *LATENCY_METRICS,
          "--eval-latency-unit", "word", *extra],
-        f"simuleval wait-{waitk} {checkpoint.parent.name}")
+        f"simuleval wait-{waitk} {checkpoint.parent.name}",
+        log_file=output / "simuleval.log" if quiet else None)
     return read_scores(output / "scores.tsv")
 
 
@@ -164,16 +181,28 @@ def read_scores(path: Path) -> Dict[str, float]:
 
 def evaluate(args) -> None:
     data = Path(args.data)
-    rows = []
+    if args.jobs < 1:
+        raise SystemExit(f"[t2t] evaluate: --jobs must be >= 1, got {args.jobs}")
+    runs = []
     for attn_type in args.attn_types.split(","):
         for waitk in (int(k) for k in args.waitk.split(",")):
-            checkpoint = run_dir(data, attn_type, waitk) / "checkpoint_last.pt"
+            checkpoint = run_dir(data, attn_type, waitk) / args.checkpoint_name
             if not checkpoint.is_file():
                 raise SystemExit(f"[t2t] evaluate: missing {checkpoint}; run train "
                                  f"--attn-type {attn_type} --waitk {waitk} first")
-            output = data / "eval" / f"{attn_type}_k{waitk}"
-            scores = simuleval(data, checkpoint, output, waitk, args.sentences)
-            rows.append({"attn_type": attn_type, "waitk": waitk, **scores})
+            runs.append((attn_type, waitk, checkpoint))
+
+    def evaluate_run(run_spec: Tuple[str, int, Path]) -> Dict:
+        attn_type, waitk, checkpoint = run_spec
+        output = data / "eval" / f"{attn_type}_k{waitk}"
+        scores = simuleval(data, checkpoint, output, waitk, args.sentences,
+                           quiet=args.jobs > 1)
+        log(f"evaluate: {attn_type} wait-{waitk}: " + "  ".join(
+            f"{name} {value:.2f}" for name, value in scores.items()))
+        return {"attn_type": attn_type, "waitk": waitk, **scores}
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(evaluate_run, runs))
     write_table(rows, data / "eval")
 
 
@@ -262,6 +291,10 @@ def main() -> None:
     p.add_argument("--attn-types", default="leap,softmax")
     p.add_argument("--waitk", default="3,5")
     p.add_argument("--sentences", type=int, default=0, help="first N test sentences (0: all)")
+    p.add_argument("--checkpoint-name", default="checkpoint_last.pt",
+                   help="checkpoint file in each run directory")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="SimulEval runs in parallel (each logs to its eval dir's simuleval.log)")
     p.set_defaults(run=evaluate)
 
     p = commands.add_parser("demo", help="prepare + train + evaluate on the built-in slice")

@@ -134,7 +134,8 @@ class WaitkStream:
 
     def _recompute_logits(self, prev_tokens: Tensor) -> Tensor:
         source = torch.tensor([self.source], device=self.device)
-        encoder_out = self.model.encoder(source, src_lengths=torch.tensor([source.size(1)]))
+        lengths = torch.tensor([source.size(1)], device=self.device)
+        encoder_out = self.model.encoder(source, src_lengths=lengths)
         logits, _ = self.model.decoder(prev_tokens, encoder_out=encoder_out)
         self.encoder_positions_computed += source.size(1)
         self.decoder_positions_computed += prev_tokens.size(1)
@@ -149,11 +150,13 @@ def waitk_greedy_decode(
     full parallel forward whose cross-attention limits follow the wait-k schedule. The
     reference that streaming must reproduce token for token."""
     eos = model.decoder.dictionary.eos()
-    tokens = torch.tensor([list(source) + [model.encoder.dictionary.eos()]])
-    encoder_out = model.encoder(tokens, src_lengths=torch.tensor([tokens.size(1)]))
+    device = next(model.parameters()).device
+    tokens = torch.tensor([list(source) + [model.encoder.dictionary.eos()]], device=device)
+    lengths = torch.tensor([tokens.size(1)], device=device)
+    encoder_out = model.encoder(tokens, src_lengths=lengths)
     target: List[int] = []
     while not target or target[-1] != eos:
-        prev_tokens = torch.tensor([[eos] + target])
+        prev_tokens = torch.tensor([[eos] + target], device=device)
         logits, _ = model.decoder(prev_tokens, encoder_out=encoder_out)
         token = greedy_token(logits[0, -1], model.decoder.dictionary)
         if len(target) + 1 >= max_len_a * tokens.size(1) + max_len_b:
