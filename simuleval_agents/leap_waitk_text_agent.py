@@ -19,6 +19,7 @@ from simuleval.agents.actions import ReadAction, WriteAction
 from simuleval.utils import entrypoint
 
 from leapformer_fairseq.models.streaming import load_streaming_model
+from leapformer_fairseq.pieces import WordAssembler
 
 
 @entrypoint
@@ -52,7 +53,7 @@ class LeaPWaitkTextAgent(TextToTextAgent):
         super().reset()
         self.stream = self.model.start_stream(**self.stream_options)
         self.words_pushed = 0
-        self.partial_word: List[str] = []
+        self.word_assembler = WordAssembler(self.spm)
 
     def policy(self) -> ReadAction | WriteAction:
         for word in self.states.source[self.words_pushed:]:
@@ -67,14 +68,9 @@ class LeaPWaitkTextAgent(TextToTextAgent):
             token = self.stream.predict()
             if token == self.target_dictionary.eos():
                 break
-            piece = self.target_dictionary[token]
-            if piece.startswith("\u2581") and self.partial_word:
-                words.append(self.spm.decode_pieces(self.partial_word))
-                self.partial_word = []
-            self.partial_word.append(piece)
+            words += self.word_assembler.push(self.target_dictionary[token])
         if self.stream.finished:
-            if self.partial_word:
-                words.append(self.spm.decode_pieces(self.partial_word))
+            words += self.word_assembler.flush()
             return WriteAction(" ".join(words), finished=True)
         if words:
             return WriteAction(" ".join(words), finished=False)

@@ -23,12 +23,15 @@ class AttentionConfig:
     cosformer_max_positions: int = 1024
     causal: bool = False
     waitk_lagging: Optional[int] = None
+    waitk_stride: int = 1
+    causal_chunk: int = 1
 
     def build(self, embed_dim: int, num_heads: int, **kwargs) -> LeaPMultiheadAttention:
         return LeaPMultiheadAttention(
             embed_dim, num_heads, attn_type=self.attn_type, leap_factor=self.leap_factor,
             eps=self.eps, cosformer_max_positions=self.cosformer_max_positions,
-            causal=self.causal, waitk_lagging=self.waitk_lagging, **kwargs,
+            causal=self.causal, waitk_lagging=self.waitk_lagging, waitk_stride=self.waitk_stride,
+            causal_chunk=self.causal_chunk, **kwargs,
         )
 
 
@@ -83,7 +86,7 @@ def resolve_attention_types(args: argparse.Namespace) -> None:
 
 def attention_config(
     args: argparse.Namespace, block: str, causal: bool = False,
-    waitk_lagging: Optional[int] = None,
+    waitk_lagging: Optional[int] = None, waitk_stride: int = 1, causal_chunk: int = 1,
 ) -> AttentionConfig:
     """The settings of one block (``encoder``, ``decoder`` or ``cross``) from resolved args."""
     return AttentionConfig(
@@ -93,4 +96,6 @@ def attention_config(
         cosformer_max_positions=args.cosformer_max_positions,
         causal=causal,
         waitk_lagging=waitk_lagging,
+        waitk_stride=waitk_stride,
+        causal_chunk=causal_chunk,
     )

@@ -22,6 +22,7 @@ from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
+import torch
 from torch import Tensor, nn
 
 from .attention_config import (
@@ -43,6 +44,25 @@ def _wrap_layer(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
     if checkpoint:
         layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
     return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+
+
+def stream_position_rows(
+    embed_positions: nn.Module, padding_idx: int, like: Tensor, start: int, count: int,
+    incremental_state: Dict,
+) -> Tensor:
+    """Positional embeddings of stream positions ``start .. start + count``, ``(B, count, C)``
+    (``B = like.size(0)``), read from a table kept in ``incremental_state`` and grown by
+    doubling (O(1) amortised per position). Equal to the rows fairseq's ``embed_positions``
+    gives a left-aligned sequence without padding."""
+    needed = start + count
+    table = incremental_state.get("encoder_position_table")
+    if table is None or table.size(1) < needed:
+        length = max(needed, 64 if table is None else 2 * table.size(1))
+        real_tokens = torch.full((1, length), padding_idx + 1, dtype=torch.long,
+                                 device=like.device)
+        table = embed_positions(real_tokens)
+        incremental_state["encoder_position_table"] = table
+    return table[:, start:needed].expand(like.size(0), -1, -1)
 
 
 class LeaPEncoderLayer(TransformerEncoderLayerBase):
@@ -136,16 +156,8 @@ class LeaPTransformerEncoder(TransformerEncoderBase):
         return x
 
     def _position_rows(self, tokens: Tensor, start: int, incremental_state: Dict) -> Tensor:
-        """Positional embeddings of positions ``start .. start + n``, ``(B, n, C)``, read from a
-        table kept with the stream and grown by doubling (O(1) amortised per token)."""
-        needed = start + tokens.size(1)
-        table = incremental_state.get("encoder_position_table")
-        if table is None or table.size(1) < needed:
-            length = max(needed, 64 if table is None else 2 * table.size(1))
-            real_tokens = tokens.new_full((1, length), self.padding_idx + 1)
-            table = self.embed_positions(real_tokens)
-            incremental_state["encoder_position_table"] = table
-        return table[:, start:needed].expand(tokens.size(0), -1, -1)
+        return stream_position_rows(self.embed_positions, self.padding_idx, tokens, start,
+                                    tokens.size(1), incremental_state)
 
 
 class LeaPTransformerDecoder(TransformerDecoderBase):

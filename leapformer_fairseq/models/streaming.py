@@ -1,18 +1,21 @@
 """The streaming API of simultaneous models: push source, predict under wait-k, finish.
 
-One sentence at a time (batch 1), greedy. Nothing is re-encoded: each pushed source token runs
-through the causal encoder once, advancing every layer's recurrent state; encoder states become
-visible to the cross-attention exactly at their wait-k boundary: target token i sees source
-units ``0 .. min(i + k, S) - 1``, the same schedule as in training. A READ never
-touches the decoder's state.
+One sentence (or utterance) at a time, batch 1, greedy. Nothing is re-encoded: each pushed source
+token (text) or audio sample (speech) runs through the causal encoder once, advancing every layer's
+recurrent state; encoder states become visible to the cross-attention exactly at their wait-k
+boundary. With ``r`` encoder states per source unit (1 for text, the fixed pre-decision ratio for
+speech), target token i sees the first ``min((i + k) * r, S)`` encoder states, S those encoded so
+far: the schedule of training. A READ never touches the decoder's state.
 
-``recompute=True`` instead re-runs encoder and decoder over the whole prefix at every
-prediction (the reference implementation's way), for comparison.
+``recompute=True`` instead re-runs encoder and decoder over the whole prefix at every prediction
+(the reference implementation's way), for comparison.
 """
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from leapformer_fairseq.audio import GlobalCMVN, IncrementalFbank, fbank, num_frames
 
 
 def greedy_token(logits: Tensor, dictionary) -> int:
@@ -22,48 +25,119 @@ def greedy_token(logits: Tensor, dictionary) -> int:
     return int(logits.argmax())
 
 
-class WaitkStream:
-    """Wait-k greedy decoding of one sentence through the model's incremental state.
+class _WaitkDecoding:
+    """The target side shared by text and speech streams: wait-k schedule, greedy steps through
+    the decoder's incremental state, work counters.
 
-    Args:
-        model: a ``leapformer_waitk_transformer`` in eval mode.
-        waitk: lagging ``k`` (default: the model's ``--waitk-lagging``).
-        max_len_a, max_len_b: once the source is finished, stop (emit EOS) at
-            ``max_len_a * source_units + max_len_b`` target tokens.
-        recompute: re-encode and re-decode the whole prefix at every prediction.
+    Subclasses encode the source and keep ``self.pending`` (encoder states ``(n, 1, C)`` not yet
+    visible), ``self.encoded`` (encoder states computed so far) and ``_source_units()``.
     """
 
-    def __init__(
-        self,
-        model,
-        waitk: Optional[int] = None,
-        max_len_a: float = 2.0,
-        max_len_b: int = 10,
-        recompute: bool = False,
-    ):
+    def __init__(self, model, waitk: Optional[int], frames_per_unit: int, max_len_a: float,
+                 max_len_b: int, recompute: bool):
         if model.training:
             raise ValueError("streaming needs the model in eval mode (model.eval())")
         self.model = model
         self.waitk = waitk or model.decoder.cross_attention_config.waitk_lagging
         if not self.waitk or self.waitk < 1:
             raise ValueError(f"waitk must be >= 1, got {self.waitk}")
+        self.frames_per_unit = frames_per_unit
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         self.recompute = recompute
-        self.source_eos = model.encoder.dictionary.eos()
         self.target_eos = model.decoder.dictionary.eos()
         self.device = next(model.parameters()).device
-        self.source: List[int] = []
+        self.dtype = next(model.parameters()).dtype
         self.target: List[int] = []
         self.source_finished = False
-        self.encoder_state: dict = {}
-        self.decoder_state: dict = {}
-        self.pending: Optional[Tensor] = None  # encoder states not yet visible, (n, 1, C)
-        self.visible_units = 0
+        self.encoder_state: Dict = {}
+        self.decoder_state: Dict = {}
+        self.pending: Optional[Tensor] = None
+        self.encoded = 0
+        self.visible = 0
         # work counters, for tests and benchmarks: positions run through encoder / decoder
         self.encoder_positions_computed = 0
         self.decoder_positions_computed = 0
 
-    # ---------------------------------------------------------------- source side
+    def _source_units(self) -> int:
+        raise NotImplementedError
+
+    def _recompute_encoder_out(self) -> Dict:
+        raise NotImplementedError
+
+    def _append_encoded(self, states: Tensor) -> None:
+        self.encoded += states.size(0)
+        self.encoder_positions_computed += states.size(0)
+        self.pending = states if self.pending is None else torch.cat([self.pending, states])
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.target) and self.target[-1] == self.target_eos
+
+    def ready_to_write(self) -> bool:
+        """Wait-k: the next target token needs ``len(target) + k`` source units (or the end)."""
+        return self.source_finished or self._source_units() >= len(self.target) + self.waitk
+
+    @torch.no_grad()
+    def predict(self) -> int:
+        """Greedily predict the next target token and advance the decoder by one token."""
+        if self.finished:
+            raise RuntimeError("predict after EOS")
+        if not self.ready_to_write():
+            raise RuntimeError(f"wait-{self.waitk} needs {len(self.target) + self.waitk} source "
+                               f"units, {self._source_units()} read: read more first")
+        prev_tokens = torch.tensor([[self.target_eos] + self.target], device=self.device)
+        if self.recompute:
+            encoder_out = self._recompute_encoder_out()
+            logits, _ = self.model.decoder(prev_tokens, encoder_out=encoder_out)
+            self.decoder_positions_computed += prev_tokens.size(1)
+            logits = logits[0, -1]
+        else:
+            logits = self._incremental_logits(prev_tokens)
+        token = greedy_token(logits, self.model.decoder.dictionary)
+        if self.source_finished and len(self.target) + 1 >= (
+            self.max_len_a * self._source_units() + self.max_len_b
+        ):
+            token = self.target_eos
+        self.target.append(token)
+        return token
+
+    def _incremental_logits(self, prev_tokens: Tensor) -> Tensor:
+        # the training schedule: min((i + k) * r, encoded), also after the source ended
+        limit = min((len(self.target) + self.waitk) * self.frames_per_unit, self.encoded)
+        reveal = limit - self.visible
+        if reveal > 0:
+            self.model.decoder.extend_source(self.decoder_state, self.pending[:reveal])
+            self.pending = self.pending[reveal:]
+            self.visible = limit
+        # the cross-attention reads its extended state; encoder_out only carries the width
+        encoder_out = {"encoder_out": [self.pending.new_zeros(1, 1, self.pending.size(-1))],
+                       "encoder_padding_mask": []}
+        logits, _ = self.model.decoder(prev_tokens, encoder_out=encoder_out,
+                                       incremental_state=self.decoder_state)
+        self.decoder_positions_computed += 1
+        return logits[0, -1]
+
+
+class WaitkStream(_WaitkDecoding):
+    """Wait-k greedy decoding of one sentence of source tokens (text).
+
+    Args:
+        model: a ``leapformer_waitk_transformer`` in eval mode.
+        waitk: lagging ``k`` (default: the model's ``--waitk-lagging``).
+        max_len_a, max_len_b: once the source is finished, stop (emit EOS) at
+            ``max_len_a * source_tokens + max_len_b`` target tokens.
+        recompute: re-encode and re-decode the whole prefix at every prediction.
+    """
+
+    def __init__(self, model, waitk: Optional[int] = None, max_len_a: float = 2.0,
+                 max_len_b: int = 10, recompute: bool = False):
+        super().__init__(model, waitk, 1, max_len_a, max_len_b, recompute)
+        self.source_eos = model.encoder.dictionary.eos()
+        self.source: List[int] = []
+
+    def _source_units(self) -> int:
+        return len(self.source)
+
     @torch.no_grad()
     def push_source(self, tokens: Sequence[int]) -> None:
         """Append source tokens (no EOS); the causal encoder runs on them once."""
@@ -76,9 +150,7 @@ class WaitkStream:
         if self.recompute:
             return
         new = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        states = self.model.encoder.forward_new_tokens(new, start, self.encoder_state)
-        self.encoder_positions_computed += new.size(1)
-        self.pending = states if self.pending is None else torch.cat([self.pending, states])
+        self._append_encoded(self.model.encoder.forward_new_tokens(new, start, self.encoder_state))
 
     def finish_source(self) -> None:
         """End of source: push EOS (as in training data); from now on everything is visible."""
@@ -86,97 +158,158 @@ class WaitkStream:
             self.push_source([self.source_eos])
             self.source_finished = True
 
-    # ---------------------------------------------------------------- target side
-    @property
-    def finished(self) -> bool:
-        return bool(self.target) and self.target[-1] == self.target_eos
-
-    def ready_to_write(self) -> bool:
-        """Wait-k: the next target token needs ``len(target) + k`` source units (or the end)."""
-        return self.source_finished or len(self.source) >= len(self.target) + self.waitk
-
-    @torch.no_grad()
-    def predict(self) -> int:
-        """Greedily predict the next target token and advance the decoder by one token."""
-        if self.finished:
-            raise RuntimeError("predict after EOS")
-        if not self.ready_to_write():
-            raise RuntimeError(f"wait-{self.waitk} needs {len(self.target) + self.waitk} source "
-                               f"units, {len(self.source)} pushed: read more first")
-        # the training schedule g(i) = min(i + k, source length), also after the source ended
-        limit = min(len(self.target) + self.waitk, len(self.source))
-        prev_tokens = torch.tensor([[self.target_eos] + self.target], device=self.device)
-        if self.recompute:
-            logits = self._recompute_logits(prev_tokens)
-        else:
-            logits = self._incremental_logits(prev_tokens, limit)
-        token = greedy_token(logits, self.model.decoder.dictionary)
-        if self.source_finished and len(self.target) + 1 >= (
-            self.max_len_a * len(self.source) + self.max_len_b
-        ):
-            token = self.target_eos
-        self.target.append(token)
-        return token
-
-    def _incremental_logits(self, prev_tokens: Tensor, limit: int) -> Tensor:
-        reveal = limit - self.visible_units
-        if reveal > 0:
-            self.model.decoder.extend_source(self.decoder_state, self.pending[:reveal])
-            self.pending = self.pending[reveal:]
-            self.visible_units = limit
-        # the cross-attention reads its extended state; encoder_out only carries the width
-        encoder_out = {"encoder_out": [self.pending.new_zeros(1, 1, self.pending.size(-1))],
-                       "encoder_padding_mask": []}
-        logits, _ = self.model.decoder(prev_tokens, encoder_out=encoder_out,
-                                       incremental_state=self.decoder_state)
-        self.decoder_positions_computed += 1
-        return logits[0, -1]
-
-    def _recompute_logits(self, prev_tokens: Tensor) -> Tensor:
+    def _recompute_encoder_out(self) -> Dict:
         source = torch.tensor([self.source], device=self.device)
         lengths = torch.tensor([source.size(1)], device=self.device)
-        encoder_out = self.model.encoder(source, src_lengths=lengths)
-        logits, _ = self.model.decoder(prev_tokens, encoder_out=encoder_out)
         self.encoder_positions_computed += source.size(1)
-        self.decoder_positions_computed += prev_tokens.size(1)
-        return logits[0, -1]
+        return self.model.encoder(source, src_lengths=lengths)
+
+
+class SpeechWaitkStream(_WaitkDecoding):
+    """Wait-k greedy decoding of one utterance pushed as audio samples.
+
+    Each push computes fbank on the new samples only (the window overlap carried), applies
+    CMVN, and advances the causal subsampler and every encoder layer by the new frames only.
+    A source unit is ``r`` encoder frames (``--fixed-pre-decision-ratio``).
+
+    Args:
+        model: a ``leapformer_s2t_waitk`` in eval mode.
+        cmvn: the global CMVN of the training features (``None``: features are not normalised).
+        waitk: lagging ``k`` in units (default: the model's ``--waitk-lagging``).
+        max_len_a, max_len_b: once the source is finished, stop (emit EOS) at
+            ``max_len_a * source_units + max_len_b`` target tokens.
+        recompute: at every prediction, recompute fbank, encoder and decoder over the whole
+            prefix (the reference implementation's re-encoding).
+    """
+
+    def __init__(self, model, cmvn: Optional[GlobalCMVN] = None, waitk: Optional[int] = None,
+                 max_len_a: float = 3.0, max_len_b: int = 10, recompute: bool = False):
+        super().__init__(model, waitk, model.decoder.cross_attention_config.waitk_stride,
+                         max_len_a, max_len_b, recompute)
+        self.cmvn = cmvn
+        self.fbank = IncrementalFbank()
+        self.samples: List[Tensor] = []  # kept in recompute mode only
+        self.samples_pushed = 0
+
+    def _encoder_frames(self) -> int:
+        if not self.recompute:
+            return self.encoded
+        fbank_frames = torch.tensor(num_frames(self.samples_pushed))
+        return int(self.model.encoder.subsampler.output_lengths(fbank_frames))
+
+    def _source_units(self) -> int:
+        frames = self._encoder_frames()
+        units = frames // self.frames_per_unit
+        return units + (1 if self.source_finished and frames % self.frames_per_unit else 0)
+
+    def _normalise(self, features: Tensor) -> Tensor:
+        """CMVN, then the model's device and dtype."""
+        features = features if self.cmvn is None else self.cmvn(features)
+        return features.to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def push_audio(self, samples: Tensor) -> None:
+        """Append ``(n,)`` int16-scale samples at 16 kHz (see ``audio.to_int16_scale``)."""
+        if self.source_finished:
+            raise RuntimeError("push_audio after finish_source")
+        self.samples_pushed += samples.numel()
+        if self.recompute:
+            self.samples.append(samples.reshape(-1).float())
+            return
+        features = self._normalise(self.fbank.push(samples))
+        if features.size(0) == 0:
+            return
+        states = self.model.encoder.forward_new_frames(features.unsqueeze(0), self.encoder_state)
+        if states.size(0):
+            self._append_encoded(states)
+
+    def finish_source(self) -> None:
+        """End of the utterance: a chunk-causal encoder encodes its last, incomplete chunk;
+        every encoder state is now readable by the schedule."""
+        if not self.source_finished and not self.recompute:
+            states = self.model.encoder.finish_stream(self.encoder_state)
+            if states is not None:
+                self._append_encoded(states)
+        self.source_finished = True
+
+    def _recompute_encoder_out(self) -> Dict:
+        samples = torch.cat(self.samples) if self.samples else torch.zeros(0)
+        features = self._normalise(fbank(samples))
+        encoder_out = self.model.encoder(
+            features.unsqueeze(0), torch.tensor([features.size(0)], device=self.device))
+        self.encoder_positions_computed += encoder_out["encoder_out"][0].size(0)
+        return encoder_out
+
+
+@torch.no_grad()
+def greedy_decode_from_encoder_out(model, encoder_out: Dict, source_units: int,
+                                   max_len_a: float, max_len_b: int) -> List[int]:
+    """Offline wait-k greedy decoding from a full ``encoder_out``: every step is a full parallel
+    decoder forward whose cross-attention limits follow the wait-k schedule of training. The
+    reference that streaming must reproduce token for token."""
+    eos = model.decoder.dictionary.eos()
+    device = next(model.parameters()).device
+    target: List[int] = []
+    while not target or target[-1] != eos:
+        prev_tokens = torch.tensor([[eos] + target], device=device)
+        logits, _ = model.decoder(prev_tokens, encoder_out=encoder_out)
+        token = greedy_token(logits[0, -1], model.decoder.dictionary)
+        if len(target) + 1 >= max_len_a * source_units + max_len_b:
+            token = eos
+        target.append(token)
+    return target
 
 
 @torch.no_grad()
 def waitk_greedy_decode(
     model, source: Sequence[int], max_len_a: float = 2.0, max_len_b: int = 10
 ) -> List[int]:
-    """Offline wait-k greedy decoding: the whole source (with EOS) is known, and every step is a
-    full parallel forward whose cross-attention limits follow the wait-k schedule. The
-    reference that streaming must reproduce token for token."""
-    eos = model.decoder.dictionary.eos()
+    """Offline wait-k greedy decoding of a text source (token ids without EOS)."""
     device = next(model.parameters()).device
     tokens = torch.tensor([list(source) + [model.encoder.dictionary.eos()]], device=device)
-    lengths = torch.tensor([tokens.size(1)], device=device)
-    encoder_out = model.encoder(tokens, src_lengths=lengths)
-    target: List[int] = []
-    while not target or target[-1] != eos:
-        prev_tokens = torch.tensor([[eos] + target], device=device)
-        logits, _ = model.decoder(prev_tokens, encoder_out=encoder_out)
-        token = greedy_token(logits[0, -1], model.decoder.dictionary)
-        if len(target) + 1 >= max_len_a * tokens.size(1) + max_len_b:
-            token = eos
-        target.append(token)
-    return target
+    encoder_out = model.encoder(tokens, src_lengths=torch.tensor([tokens.size(1)], device=device))
+    return greedy_decode_from_encoder_out(model, encoder_out, tokens.size(1), max_len_a,
+                                          max_len_b)
 
 
-def load_streaming_model(checkpoint: str, data_bin: Optional[str] = None, device: str = "cpu"):
-    """Load a trained wait-k checkpoint for streaming: ``(model in eval mode, task)``.
+@torch.no_grad()
+def speech_waitk_greedy_decode(
+    model, samples: Tensor, cmvn: Optional[GlobalCMVN] = None, max_len_a: float = 3.0,
+    max_len_b: int = 10,
+) -> List[int]:
+    """Offline wait-k greedy decoding of a whole utterance ``(N,)`` (int16-scale samples):
+    fbank of the whole audio, parallel encoder, then :func:`greedy_decode_from_encoder_out`."""
+    parameter = next(model.parameters())
+    device = parameter.device
+    features = fbank(samples)
+    if cmvn is not None:
+        features = cmvn(features)
+    features = features.to(device=device, dtype=parameter.dtype)
+    encoder_out = model.encoder(features.unsqueeze(0),
+                                torch.tensor([features.size(0)], device=device))
+    frames = encoder_out["encoder_out"][0].size(0)
+    ratio = model.decoder.cross_attention_config.waitk_stride
+    units = -(-frames // ratio)
+    return greedy_decode_from_encoder_out(model, encoder_out, units, max_len_a, max_len_b)
 
-    ``data_bin`` overrides the checkpoint's data directory (it only needs the dictionaries).
+
+def load_streaming_model(checkpoint: str, data_bin: Optional[str] = None, device: str = "cpu",
+                         overrides: Optional[Dict] = None):
+    """Load a trained simultaneous checkpoint for streaming: ``(model in eval mode, task)``.
+
+    ``data_bin`` overrides the checkpoint's data directory (it only needs the dictionaries,
+    or for speech the data config); ``overrides`` adds more fairseq argument overrides.
     """
     from fairseq import checkpoint_utils
 
-    overrides = {} if data_bin is None else {"data": data_bin}
+    arg_overrides = dict(overrides or {})
+    if data_bin is not None:
+        arg_overrides["data"] = data_bin
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint],
-                                                                   arg_overrides=overrides)
+                                                                   arg_overrides=arg_overrides)
     model = models[0]
     if not hasattr(model, "start_stream"):
         raise ValueError(f"{checkpoint} holds a {type(model).__name__}, not a simultaneous "
-                         "model (train with --arch leapformer_waitk_transformer*)")
+                         "model (train with --arch leapformer_waitk_transformer* or "
+                         "leapformer_s2t_waitk*)")
     return model.to(device).eval(), task

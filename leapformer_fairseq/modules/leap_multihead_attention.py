@@ -42,8 +42,14 @@ class LeaPMultiheadAttention(MultiheadAttention):
             as ``attn_mask`` selects the same thing.
         cosformer_max_positions: the fixed ``M`` of cosFormer's ``p_i = i / M``.
         waitk_lagging: wait-k cross-attention: in parallel (training) calls target token i sees
-            the first ``i + k`` real source tokens (see :meth:`waitk_key_limit`). Incremental
-            calls see exactly the source pushed so far.
+            the first ``i + k`` source units (see :meth:`waitk_key_limit`). Incremental calls
+            see exactly the source pushed so far.
+        waitk_stride: keys per source unit (speech: the fixed pre-decision ratio ``r``, in
+            encoder frames); 1 for text.
+        causal_chunk: with ``causal``, chunk-causal self-attention: position t sees every
+            position of its own chunk of ``causal_chunk`` positions and of the chunks before
+            (1: plain causal). Incremental steps then take whole chunks (the last may be
+            partial).
 
     For the linear types, ``dropout`` is applied to the values (attention weights are never
     formed), so evaluation-mode outputs are deterministic; ``need_weights`` returns ``None``.
@@ -67,6 +73,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         causal: bool = False,
         cosformer_max_positions: int = 1024,
         waitk_lagging: Optional[int] = None,
+        waitk_stride: int = 1,
+        causal_chunk: int = 1,
         **fairseq_kwargs,
     ):
         if attn_type not in ATTN_TYPES:
@@ -88,6 +96,11 @@ class LeaPMultiheadAttention(MultiheadAttention):
         if waitk_lagging is not None and (not encoder_decoder_attention or waitk_lagging < 1):
             raise ValueError("waitk_lagging must be >= 1 and needs encoder_decoder_attention=True, "
                              f"got {waitk_lagging}")
+        if waitk_stride < 1:
+            raise ValueError(f"waitk_stride must be >= 1, got {waitk_stride}")
+        if causal_chunk < 1 or (causal_chunk > 1 and not causal):
+            raise ValueError(f"causal_chunk must be >= 1 and > 1 only with causal=True, got "
+                             f"{causal_chunk}")
         super().__init__(
             embed_dim,
             num_heads,
@@ -107,26 +120,37 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.causal = causal
         self.cosformer_max_positions = cosformer_max_positions
         self.waitk_lagging = waitk_lagging
+        self.waitk_stride = waitk_stride
+        self.causal_chunk = causal_chunk
         if attn_type == "leap":
             self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor)
             self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor)
 
     def extra_repr(self) -> str:
         return (f"attn_type={self.attn_type}, causal={self.causal}, eps={self.eps}, "
-                f"waitk_lagging={self.waitk_lagging}")
+                f"waitk_lagging={self.waitk_lagging}, waitk_stride={self.waitk_stride}, "
+                f"causal_chunk={self.causal_chunk}")
 
     def waitk_key_limit(
         self, target_length: int, key_padding_mask: Optional[Tensor], device: torch.device
     ) -> Tensor:
-        """Wait-k (LEAP.md §4): target token i sees source units ``0 .. i + k - 1``.
+        """Wait-k (LEAP.md §4): target token i sees source units ``0 .. i + k - 1``, i.e. the
+        first ``(i + k) * waitk_stride`` keys.
 
         Returns ``(T,)``, or ``(B, T)`` shifted by each sentence's left padding.
         """
-        limit = torch.arange(target_length, device=device) + self.waitk_lagging
+        limit = (torch.arange(target_length, device=device) + self.waitk_lagging) * self.waitk_stride
         if key_padding_mask is None:
             return limit
         left_padding = (~key_padding_mask).long().cumsum(dim=1).eq(0).sum(dim=1)
         return left_padding[:, None] + limit[None, :]
+
+    def chunk_causal_limit(self, length: int, start: int, device: torch.device) -> Tensor:
+        """Chunk-causal self-attention: position ``start + t`` sees keys
+        ``0 .. (floor((start + t) / c) + 1) * c - 1`` (absolute indices), ``(length,)``."""
+        position = torch.arange(start, start + length, device=device)
+        return torch.div(position, self.causal_chunk, rounding_mode="floor").add(1).mul(
+            self.causal_chunk)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -185,6 +209,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
                     query, key, value, key_padding_mask, incremental_state, static_kv
                 )
         elif self.self_attention:
+            if causal and self.causal_chunk > 1:
+                causal, key_limit = False, self.chunk_causal_limit(query.size(0), 0, query.device)
             out = self._self_attention(query, key_padding_mask, causal, key_limit)
         else:
             out = self._cross_attention(query, key, value, key_padding_mask, key_limit)
@@ -265,7 +291,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
     def _self_attention_step(
         self, x: Tensor, padding_mask: Optional[Tensor], incremental_state: IncrementalState
     ) -> Tensor:
-        """Advance the causal recurrent state by ``T >= 1`` new tokens; no key/value cache."""
+        """Advance the causal recurrent state by ``T >= 1`` new tokens; no key/value cache.
+        Chunk-causal: the tokens are whole chunks, each read after its own keys are added."""
         buffer = self._get_input_buffer(incremental_state)
         state, position = self._load_state(buffer, x.size(1), "position", x)
         positions = self._positions(padding_mask, x.size(0), x.size(1), x.device, position)
@@ -273,7 +300,17 @@ class LeaPMultiheadAttention(MultiheadAttention):
         k = self._features(self._split_heads(self.k_proj(x)), "k", positions)
         v = self.dropout_module(self._split_heads(self.v_proj(x)))
         mask = self._per_head(padding_mask)
-        if x.size(0) == 1 and mask is None:
+        if self.causal_chunk > 1:
+            if mask is not None or bool((position % self.causal_chunk).any()):
+                raise ValueError("chunk-causal steps take unpadded whole chunks, starting at a "
+                                 "chunk boundary")
+            outputs = []
+            for start in range(0, x.size(0), self.causal_chunk):
+                rows = slice(start, start + self.causal_chunk)
+                state = ops.update_state(state, k[:, rows], v[:, rows])
+                outputs.append(ops.query_state(state, q[:, rows], self.eps))
+            out = torch.cat(outputs, dim=1)
+        elif x.size(0) == 1 and mask is None:
             state, out = ops.recurrent_step(state, q[:, 0], k[:, 0], v[:, 0], self.eps)
             out = out.unsqueeze(1)
         else:
@@ -487,14 +524,19 @@ class LeaPMultiheadAttention(MultiheadAttention):
         """fairseq's attention, with ``causal`` and ``key_limit`` turned into fairseq masks."""
         blocked = None
         if self.causal and attn_mask is None and query.size(0) > 1:
-            # new token t sees the cached keys and new tokens 0 .. t
+            # new token t sees the cached keys and new tokens 0 .. t (or its whole chunk)
             length = query.size(0)
             cached = 0
             if incremental_state is not None:
                 prev_key = self._get_input_buffer(incremental_state).get("prev_key")
                 cached = 0 if prev_key is None else prev_key.size(2)
-            blocked = torch.ones(length, cached + length, dtype=torch.bool,
-                                 device=query.device).triu(cached + 1)
+            if self.causal_chunk > 1:
+                key_index = torch.arange(cached + length, device=query.device)
+                limit = self.chunk_causal_limit(length, cached, query.device)
+                blocked = key_index[None, :] >= limit[:, None]
+            else:
+                blocked = torch.ones(length, cached + length, dtype=torch.bool,
+                                     device=query.device).triu(cached + 1)
         if key_limit is not None:
             source_length = query.size(0) if key is None else key.size(0)
             key_index = torch.arange(source_length, device=query.device)

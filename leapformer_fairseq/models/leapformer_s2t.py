@@ -1,0 +1,294 @@
+"""Registered speech-to-text models with LeaP attention.
+
+``leapformer_s2t_transformer``: offline; fairseq's 2 x Conv1d stride-2 subsampler, then a LeaP
+encoder (bidirectional) and decoder.
+``leapformer_s2t_waitk``: simultaneous; a causal subsampler that keeps its own left context, a
+causal LeaP encoder, and wait-k cross-attention on source units of ``r`` encoder frames
+(``--fixed-pre-decision-ratio r``): target token i sees encoder frames ``0 .. (i + k) * r - 1``
+in training exactly as in streaming (:class:`~leapformer_fairseq.models.streaming.SpeechWaitkStream`).
+"""
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from fairseq import checkpoint_utils
+from fairseq.data.data_utils import lengths_to_padding_mask
+from fairseq.models import (
+    FairseqEncoder,
+    FairseqEncoderDecoderModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler
+from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerModel
+from fairseq.models.speech_to_text.s2t_transformer import base_architecture as s2t_base
+from fairseq.models.transformer import Embedding, TransformerConfig
+from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
+from torch import Tensor, nn
+
+from leapformer_fairseq.audio import GlobalCMVN
+from leapformer_fairseq.modules.causal_conv_subsampler import CausalConv1dSubsampler
+
+from .attention_config import (
+    AttentionConfig,
+    add_attention_args,
+    attention_config,
+    resolve_attention_types,
+)
+from .leapformer_transformer import (
+    LeaPEncoderLayer,
+    LeaPTransformerDecoder,
+    _wrap_layer,
+    stream_position_rows,
+)
+from .streaming import SpeechWaitkStream
+
+logger = logging.getLogger(__name__)
+
+
+class LeaPS2TEncoder(FairseqEncoder):
+    """Subsampler, scaled input + sinusoidal positions, LeaP encoder layers, final layer norm.
+
+    Input ``(B, T, 80)`` features with ``(B,)`` lengths (right padding); output fairseq's
+    encoder dict with ``encoder_out = [(T', B, C)]``.
+    """
+
+    def __init__(self, args: argparse.Namespace, self_attention: AttentionConfig,
+                 subsampler: nn.Module):
+        super().__init__(None)
+        self.self_attention_config = self_attention
+        self.subsampler = subsampler
+        self.dropout_module = FairseqDropout(p=args.dropout, module_name=type(self).__name__)
+        self.embed_scale = 1.0 if args.no_scale_embedding else math.sqrt(args.encoder_embed_dim)
+        self.padding_idx = 1
+        self.embed_positions = PositionalEmbedding(
+            args.max_source_positions, args.encoder_embed_dim, self.padding_idx
+        )
+        cfg = TransformerConfig.from_namespace(args)
+        self.layers = nn.ModuleList(
+            _wrap_layer(LeaPEncoderLayer(cfg, self_attention), cfg)
+            for _ in range(args.encoder_layers)
+        )
+        self.layer_norm = LayerNorm(args.encoder_embed_dim) if args.encoder_normalize_before \
+            else None
+
+    def forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False):
+        x, lengths = self.subsampler(src_tokens, src_lengths)
+        padding_mask = lengths_to_padding_mask(lengths)
+        x = self.embed_scale * x + self.embed_positions(padding_mask).transpose(0, 1)
+        x = self.dropout_module(x)
+        states = []
+        for layer in self.layers:
+            x = layer(x, padding_mask if padding_mask.any() else None)
+            if return_all_hiddens:
+                states.append(x)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return {
+            "encoder_out": [x],
+            "encoder_padding_mask": [padding_mask] if padding_mask.any() else [],
+            "encoder_embedding": [],
+            "encoder_states": states,
+            "src_tokens": [],
+            "src_lengths": [],
+        }
+
+    def forward_new_frames(self, features: Tensor, incremental_state: Dict) -> Tensor:
+        """Encode new feature frames ``(B, n, 80)`` of a stream: the causal subsampler and every
+        layer advance their state in ``incremental_state`` by the new frames only.
+
+        Returns the new encoder states ``(n', B, C)`` (``n'`` about ``n / 4``), equal to the
+        matching rows of ``forward`` on the whole stream.
+        """
+        if not self.self_attention_config.causal:
+            raise ValueError("streaming needs a causal encoder (leapformer_s2t_waitk)")
+        if not isinstance(self.subsampler, CausalConv1dSubsampler):
+            raise ValueError("streaming needs the causal subsampler (leapformer_s2t_waitk)")
+        x = self.subsampler.forward_incremental(features, incremental_state)
+        chunk = self.self_attention_config.causal_chunk
+        if chunk > 1:  # chunk-causal: a chunk's frames are encoded once the chunk is complete
+            waiting = incremental_state.get("frames_waiting")
+            x = x if waiting is None else torch.cat([waiting, x])
+            whole = x.size(0) // chunk * chunk
+            incremental_state["frames_waiting"] = x[whole:]
+            x = x[:whole]
+        return self._encode_frames(x, incremental_state)
+
+    def finish_stream(self, incremental_state: Dict) -> Optional[Tensor]:
+        """End of a stream: encode the frames of a last, incomplete chunk (chunk-causal
+        encoders); ``(n, B, C)``, or ``None`` when no frame is waiting."""
+        waiting = incremental_state.pop("frames_waiting", None)
+        if waiting is None or waiting.size(0) == 0:
+            return None
+        return self._encode_frames(waiting, incremental_state)
+
+    def _encode_frames(self, x: Tensor, incremental_state: Dict) -> Tensor:
+        """Subsampled frames ``(n, B, C)`` of a stream -> encoder states ``(n, B, C)``."""
+        start = incremental_state.get("encoder_frames", 0)
+        incremental_state["encoder_frames"] = start + x.size(0)
+        if x.size(0) == 0:
+            return x
+        positions = stream_position_rows(self.embed_positions, self.padding_idx, x.transpose(0, 1),
+                                         start, x.size(0), incremental_state)
+        x = self.dropout_module(self.embed_scale * x + positions.transpose(0, 1))
+        for layer in self.layers:
+            x = layer.forward_incremental(x, incremental_state)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return x
+
+    def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order: Tensor):
+        return {
+            "encoder_out": [x.index_select(1, new_order) for x in encoder_out["encoder_out"]],
+            "encoder_padding_mask": [
+                x.index_select(0, new_order) for x in encoder_out["encoder_padding_mask"]
+            ],
+            "encoder_embedding": [],
+            "encoder_states": [x.index_select(1, new_order)
+                               for x in encoder_out["encoder_states"]],
+            "src_tokens": [],
+            "src_lengths": [],
+        }
+
+
+@register_model("leapformer_s2t_transformer")
+class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
+    """Speech-to-text transformer with LeaP (or cosFormer, linear, softmax) attention blocks."""
+
+    @staticmethod
+    def add_args(parser):
+        S2TTransformerModel.add_args(parser)
+        add_attention_args(parser)
+
+    @classmethod
+    def build_subsampler(cls, args) -> nn.Module:
+        return Conv1dSubsampler(
+            args.input_feat_per_channel * args.input_channels, args.conv_channels,
+            args.encoder_embed_dim, [int(k) for k in args.conv_kernel_sizes.split(",")],
+        )
+
+    @classmethod
+    def cross_attention(cls, args) -> AttentionConfig:
+        return attention_config(args, "cross")
+
+    @classmethod
+    def encoder_attention(cls, args) -> AttentionConfig:
+        return attention_config(args, "encoder")
+
+    @classmethod
+    def build_encoder(cls, args) -> LeaPS2TEncoder:
+        encoder = LeaPS2TEncoder(args, cls.encoder_attention(args), cls.build_subsampler(args))
+        pretrained = getattr(args, "load_pretrained_encoder_from", None)
+        if pretrained:
+            if not Path(pretrained).is_file():
+                raise FileNotFoundError(
+                    f"--load-pretrained-encoder-from: no such checkpoint {pretrained}")
+            encoder = checkpoint_utils.load_pretrained_component_from_model(
+                component=encoder, checkpoint=pretrained)
+            logger.info(f"loaded the encoder from {pretrained}")
+        return encoder
+
+    @classmethod
+    def build_model(cls, args, task):
+        s2t_base(args)
+        resolve_attention_types(args)
+        cfg = TransformerConfig.from_namespace(args)
+        tgt_dict = task.target_dictionary
+        embed_tokens = Embedding(len(tgt_dict), args.decoder_embed_dim, tgt_dict.pad())
+        decoder = LeaPTransformerDecoder(
+            cfg, tgt_dict, embed_tokens, attention_config(args, "decoder", causal=True),
+            cls.cross_attention(args),
+        )
+        return cls(cls.build_encoder(args), decoder)
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens):
+        encoder_out = self.encoder(src_tokens=src_tokens, src_lengths=src_lengths)
+        return self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
+
+
+@register_model("leapformer_s2t_waitk")
+class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
+    """Simultaneous speech-to-text: causal subsampler and encoder, wait-k cross-attention on
+    units of ``--fixed-pre-decision-ratio`` encoder frames."""
+
+    @staticmethod
+    def add_args(parser):
+        LeaPformerS2TTransformerModel.add_args(parser)
+        parser.add_argument("--waitk-lagging", type=int, metavar="K",
+                            help="wait-k lagging in source units (required, >= 1)")
+        parser.add_argument("--fixed-pre-decision-ratio", type=int, metavar="R",
+                            help="encoder frames (40 ms each) per source unit (default 9)")
+        parser.add_argument("--chunk-causal-encoder", action="store_true",
+                            help="encoder self-attention sees its whole pre-decision chunk of "
+                                 "R frames and the chunks before (default: causal)")
+
+    @staticmethod
+    def pre_decision_ratio(args) -> int:
+        ratio = getattr(args, "fixed_pre_decision_ratio", None) or 9
+        if ratio < 1:
+            raise ValueError(f"--fixed-pre-decision-ratio must be >= 1, got {ratio}")
+        args.fixed_pre_decision_ratio = ratio
+        return ratio
+
+    @classmethod
+    def encoder_attention(cls, args) -> AttentionConfig:
+        chunk = cls.pre_decision_ratio(args) if getattr(args, "chunk_causal_encoder", False) \
+            else 1
+        return attention_config(args, "encoder", causal=True, causal_chunk=chunk)
+
+    @classmethod
+    def build_subsampler(cls, args) -> nn.Module:
+        return CausalConv1dSubsampler(
+            args.input_feat_per_channel * args.input_channels, args.conv_channels,
+            args.encoder_embed_dim, [int(k) for k in args.conv_kernel_sizes.split(",")],
+        )
+
+    @classmethod
+    def cross_attention(cls, args) -> AttentionConfig:
+        lagging = getattr(args, "waitk_lagging", None)
+        if lagging is None or lagging < 1:
+            raise ValueError(f"--waitk-lagging must be an integer >= 1, got {lagging}")
+        return attention_config(args, "cross", waitk_lagging=lagging,
+                                waitk_stride=cls.pre_decision_ratio(args))
+
+    def start_stream(self, cmvn: Optional[GlobalCMVN] = None, **options) -> SpeechWaitkStream:
+        """A simultaneous wait-k greedy decoding of one utterance (see
+        :class:`~leapformer_fairseq.models.streaming.SpeechWaitkStream`)."""
+        return SpeechWaitkStream(self, cmvn=cmvn, **options)
+
+
+def _architecture(embed_dim: int, ffn_dim: int, encoder_layers: int, decoder_layers: int,
+                  heads: int, conv_channels: int):
+    """A named hyper-parameter set; explicit command-line values take precedence."""
+
+    def set_defaults(args):
+        args.encoder_embed_dim = getattr(args, "encoder_embed_dim", embed_dim)
+        args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", ffn_dim)
+        args.encoder_layers = getattr(args, "encoder_layers", encoder_layers)
+        args.encoder_attention_heads = getattr(args, "encoder_attention_heads", heads)
+        args.decoder_layers = getattr(args, "decoder_layers", decoder_layers)
+        args.decoder_attention_heads = getattr(args, "decoder_attention_heads", heads)
+        args.conv_channels = getattr(args, "conv_channels", conv_channels)
+        args.conv_kernel_sizes = getattr(args, "conv_kernel_sizes", "3,3")
+        args.encoder_normalize_before = getattr(args, "encoder_normalize_before", True)
+        args.decoder_normalize_before = getattr(args, "decoder_normalize_before", True)
+        s2t_base(args)
+
+    return set_defaults
+
+
+# _base follows LEAP.md §6: d 256, 12 + 6 layers, FFN 2048, 8 heads (head dim 32), pre-norm,
+# 2 x Conv(3, stride 2); LeaP hidden 8 is head_dim / --leap-factor 4.
+S2T_ARCHITECTURES = {
+    "tiny": _architecture(64, 128, 2, 1, 2, conv_channels=64),
+    "small": _architecture(256, 1024, 6, 3, 4, conv_channels=256),
+    "base": _architecture(256, 2048, 12, 6, 8, conv_channels=1024),
+}
+
+for _model in ("leapformer_s2t_transformer", "leapformer_s2t_waitk"):
+    register_model_architecture(_model, _model)(S2T_ARCHITECTURES["base"])
+    for _size, _set_defaults in S2T_ARCHITECTURES.items():
+        register_model_architecture(_model, f"{_model}_{_size}")(_set_defaults)

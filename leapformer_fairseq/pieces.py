@@ -1,0 +1,29 @@
+"""Whole words from a stream of SentencePiece pieces, for the SimulEval agents."""
+from typing import List
+
+import sentencepiece
+
+WORD_START = "\u2581"
+
+
+class WordAssembler:
+    """Collects predicted pieces and releases a word once the next word has started. Pieces
+    that decode to nothing (a lone word boundary) release no word."""
+
+    def __init__(self, spm: sentencepiece.SentencePieceProcessor):
+        self.spm = spm
+        self.partial: List[str] = []
+
+    def push(self, piece: str) -> List[str]:
+        """Add one piece; returns the word it completes (``[]`` or one word)."""
+        completed = []
+        if piece.startswith(WORD_START) and self.partial:
+            completed = self.flush()
+        self.partial.append(piece)
+        return completed
+
+    def flush(self) -> List[str]:
+        """The word in progress, at the end of the sentence."""
+        word = self.spm.decode_pieces(self.partial).strip()
+        self.partial = []
+        return [word] if word else []
