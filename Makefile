@@ -16,3 +16,4 @@ benchmark: setup
 
 demo: setup
 	$(PYTHON) scripts/t2t_recipe.py demo
+	$(PYTHON) scripts/s2t_recipe.py demo
