@@ -1,8 +1,8 @@
 """Speech agent on long streams: compute per second of audio, streaming vs ``--recompute``, and
 plain vs computation-aware AL.
 
-    python benchmarks/speech_streaming.py --checkpoint work/demo-s2t/runs/st_leap_k3/checkpoint_last.pt \
-        --data-dir work/demo-s2t
+    python benchmarks/speech_streaming.py \
+        --checkpoint work/demo-s2t/runs/st_leap_k3/checkpoint_last.pt --data-dir work/demo-s2t
 
 Streams of ``--lengths`` seconds (default 10, 30, 60) are built by concatenating the data
 directory's evaluation wavs (``eval.wav_list``, from ``scripts/s2t_recipe.py prepare``). For each

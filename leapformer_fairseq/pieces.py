@@ -27,3 +27,17 @@ class WordAssembler:
         word = self.spm.decode_pieces(self.partial).strip()
         self.partial = []
         return [word] if word else []
+
+
+def predict_words(stream, target_dictionary, assembler: WordAssembler) -> List[str]:
+    """Predict every target token the stream's wait-k schedule allows now; returns the words
+    they complete, and once the stream has predicted EOS, the last word too."""
+    words: List[str] = []
+    while stream.ready_to_write() and not stream.finished:
+        token = stream.predict()
+        if token == target_dictionary.eos():
+            break
+        words += assembler.push(target_dictionary[token])
+    if stream.finished:
+        words += assembler.flush()
+    return words

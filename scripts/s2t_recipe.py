@@ -18,18 +18,16 @@ plain columns computation-aware too).
 """
 import argparse
 import json
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import soundfile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from prep_mustc import load_talk, read_split  # noqa: E402  (the sibling script)
+from recipe_common import Recipe  # noqa: E402
 
 from leapformer_fairseq.audio import SAMPLE_RATE  # noqa: E402
 from leapformer_fairseq.simuleval_scores import (  # noqa: E402
@@ -43,25 +41,8 @@ FAIRSEQ_TRAIN = [sys.executable, "-m", "fairseq_cli.train"]
 SIMULEVAL = [sys.executable, "-m", "simuleval.cli"]
 LATENCY_METRICS = ("AL", "LAAL", "AP", "DAL", "ATD")
 TABLE_COLUMNS = ("BLEU", *[f"{m}{suffix}" for m in LATENCY_METRICS for suffix in ("", "_CA")])
-
-
-def log(message: str) -> None:
-    print(f"[s2t {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def run(command: Sequence, what: str, log_file: Optional[Path] = None) -> None:
-    """Run a command (output to the terminal or ``log_file``); stop with a message naming the
-    step if it fails."""
-    command = [str(c) for c in command]
-    log(f"{what}: {' '.join(command)}" + (f" > {log_file}" if log_file else ""))
-    if log_file is None:
-        done = subprocess.run(command, cwd=ROOT)
-    else:
-        with open(log_file, "w") as output:
-            done = subprocess.run(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        where = f"; its output is in {log_file}" if log_file else ""
-        raise SystemExit(f"[s2t] {what} failed (exit code {done.returncode}){where}")
+RECIPE = Recipe("s2t")
+log, run = RECIPE.log, RECIPE.run
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -205,43 +186,9 @@ def evaluate(args) -> None:
             + "  ".join(f"{name} {scores[name]:.2f}" for name in TABLE_COLUMNS))
         return {"attn_type": attn_type, "waitk": waitk, **scores}
 
-    if args.jobs < 1:
-        raise SystemExit(f"[s2t] evaluate: --jobs must be >= 1, got {args.jobs}")
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(evaluate_run, runs))
-    write_table(rows, data / "eval")
-
-
-def write_table(rows: List[Dict], out: Path) -> None:
-    """``results.{md,json}`` and a BLEU vs AL / AL_CA plot."""
-    columns = ["attn_type", "waitk", *TABLE_COLUMNS]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(
-            f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
-            for c in columns) + " |")
-    table = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(table)
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 4))
-    for attn_type in sorted({row["attn_type"] for row in rows}):
-        for metric, style in (("AL", "o-"), ("AL_CA", "s--")):
-            points = sorted((row[metric], row["BLEU"]) for row in rows
-                            if row["attn_type"] == attn_type)
-            axis.plot([p[0] for p in points], [p[1] for p in points], style,
-                      label=f"{attn_type} {metric}")
-    axis.set(xlabel="latency (ms)", ylabel="BLEU", title="BLEU vs AL and AL_CA")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "bleu_vs_al.png", dpi=110)
-    log(f"evaluate: {out / 'results.md'}, {out / 'bleu_vs_al.png'}")
+    rows = RECIPE.parallel(evaluate_run, runs, args.jobs)
+    RECIPE.write_results(rows, TABLE_COLUMNS, data / "eval", [("AL", "o-"), ("AL_CA", "s--")],
+                         "latency (ms)")
 
 
 # ------------------------------------------------------------------------------- demo

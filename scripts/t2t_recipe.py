@@ -13,14 +13,16 @@ via ``--plain-prefix``. Every step logs what it runs; failures name the step and
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from recipe_common import Recipe  # noqa: E402  (the sibling module)
+
+RECIPE = Recipe("t2t")
+log, run = RECIPE.log, RECIPE.run
 # The tools run as modules of this interpreter, so the recipe works wherever the packages import
 # (a venv, PYTHONPATH), with or without their console scripts on PATH.
 FAIRSEQ_PREPROCESS = [sys.executable, "-m", "fairseq_cli.preprocess"]
@@ -30,27 +32,6 @@ PLUGIN = ROOT / "leapformer_fairseq"
 AGENT = ROOT / "simuleval_agents" / "leap_waitk_text_agent.py"
 SPLITS = ("train", "valid", "test")
 LATENCY_METRICS = ("AL", "LAAL", "AP", "DAL")
-
-
-def log(message: str) -> None:
-    print(f"[t2t {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def run(command: Sequence[str], what: str, cwd: Path = ROOT,
-        log_file: Optional[Path] = None) -> None:
-    """Run a command, streaming its output (or writing it to ``log_file``); stop with a message
-    naming the step if it fails."""
-    log(f"{what}: {' '.join(str(c) for c in command)}"
-        + (f" > {log_file}" if log_file else ""))
-    if log_file is None:
-        done = subprocess.run([str(c) for c in command], cwd=cwd)
-    else:
-        with open(log_file, "w") as output:
-            done = subprocess.run([str(c) for c in command], cwd=cwd, stdout=output,
-                                  stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        where = f"; its output is in {log_file}" if log_file else ""
-        raise SystemExit(f"[t2t] {what} failed (exit code {done.returncode}){where}")
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -181,8 +162,6 @@ def read_scores(path: Path) -> Dict[str, float]:
 
 def evaluate(args) -> None:
     data = Path(args.data)
-    if args.jobs < 1:
-        raise SystemExit(f"[t2t] evaluate: --jobs must be >= 1, got {args.jobs}")
     runs = []
     for attn_type in args.attn_types.split(","):
         for waitk in (int(k) for k in args.waitk.split(",")):
@@ -201,40 +180,9 @@ def evaluate(args) -> None:
             f"{name} {value:.2f}" for name, value in scores.items()))
         return {"attn_type": attn_type, "waitk": waitk, **scores}
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(evaluate_run, runs))
-    write_table(rows, data / "eval")
-
-
-def write_table(rows: List[Dict], out: Path) -> None:
-    columns = ["attn_type", "waitk", "BLEU", *LATENCY_METRICS]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(
-            f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
-            for c in columns) + " |")
-    table = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(table)
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 4))
-    for attn_type in sorted({row["attn_type"] for row in rows}):
-        points = sorted((row["AL"], row["BLEU"], row["waitk"]) for row in rows
-                        if row["attn_type"] == attn_type)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=attn_type)
-        for al, bleu, waitk in points:
-            axis.annotate(f"k={waitk}", (al, bleu), fontsize=8)
-    axis.set(xlabel="AL (words)", ylabel="BLEU", title="BLEU vs AL")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "bleu_vs_al.png", dpi=110)
-    log(f"evaluate: {out / 'results.md'}, {out / 'bleu_vs_al.png'}")
+    rows = RECIPE.parallel(evaluate_run, runs, args.jobs)
+    RECIPE.write_results(rows, ["BLEU", *LATENCY_METRICS], data / "eval", [("AL", "o-")],
+                         "AL (words)")
 
 
 # ------------------------------------------------------------------------------- demo

@@ -13,7 +13,6 @@ left is written in one action with ``finished=True`` (SimulEval makes one call a
 and only a finished prediction resets the agent for the next utterance).
 """
 from argparse import ArgumentParser, Namespace
-from typing import List
 
 import sentencepiece
 from simuleval.agents import SpeechToTextAgent
@@ -22,7 +21,7 @@ from simuleval.utils import entrypoint
 
 from leapformer_fairseq.audio import SAMPLE_RATE, GlobalCMVN, to_int16_scale
 from leapformer_fairseq.models.streaming import load_streaming_model
-from leapformer_fairseq.pieces import WordAssembler
+from leapformer_fairseq.pieces import WordAssembler, predict_words
 
 
 @entrypoint
@@ -79,14 +78,8 @@ class LeaPWaitkSpeechAgent(SpeechToTextAgent):
         if self.states.source_finished:
             self.stream.finish_source()
 
-        words: List[str] = []
-        while self.stream.ready_to_write() and not self.stream.finished:
-            token = self.stream.predict()
-            if token == self.target_dictionary.eos():
-                break
-            words += self.word_assembler.push(self.target_dictionary[token])
+        words = predict_words(self.stream, self.target_dictionary, self.word_assembler)
         if self.stream.finished:
-            words += self.word_assembler.flush()
             return WriteAction(" ".join(words), finished=True)
         if words:
             return WriteAction(" ".join(words), finished=False)

@@ -11,7 +11,6 @@ as whole detokenised words. The agent only talks to the model's streaming API
 ``--device`` option picks the device.
 """
 from argparse import ArgumentParser, Namespace
-from typing import List
 
 import sentencepiece
 from simuleval.agents import TextToTextAgent
@@ -19,7 +18,7 @@ from simuleval.agents.actions import ReadAction, WriteAction
 from simuleval.utils import entrypoint
 
 from leapformer_fairseq.models.streaming import load_streaming_model
-from leapformer_fairseq.pieces import WordAssembler
+from leapformer_fairseq.pieces import WordAssembler, predict_words
 
 
 @entrypoint
@@ -63,14 +62,8 @@ class LeaPWaitkTextAgent(TextToTextAgent):
         if self.states.source_finished:
             self.stream.finish_source()
 
-        words: List[str] = []
-        while self.stream.ready_to_write() and not self.stream.finished:
-            token = self.stream.predict()
-            if token == self.target_dictionary.eos():
-                break
-            words += self.word_assembler.push(self.target_dictionary[token])
+        words = predict_words(self.stream, self.target_dictionary, self.word_assembler)
         if self.stream.finished:
-            words += self.word_assembler.flush()
             return WriteAction(" ".join(words), finished=True)
         if words:
             return WriteAction(" ".join(words), finished=False)

@@ -5,7 +5,8 @@ encoder (bidirectional) and decoder.
 ``leapformer_s2t_waitk``: simultaneous; a causal subsampler that keeps its own left context, a
 causal LeaP encoder, and wait-k cross-attention on source units of ``r`` encoder frames
 (``--fixed-pre-decision-ratio r``): target token i sees encoder frames ``0 .. (i + k) * r - 1``
-in training exactly as in streaming (:class:`~leapformer_fairseq.models.streaming.SpeechWaitkStream`).
+in training exactly as in streaming
+(:class:`~leapformer_fairseq.models.streaming.SpeechWaitkStream`).
 """
 import argparse
 import logging

@@ -305,8 +305,8 @@ def load_streaming_model(checkpoint: str, data_bin: Optional[str] = None, device
     arg_overrides = dict(overrides or {})
     if data_bin is not None:
         arg_overrides["data"] = data_bin
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint],
-                                                                   arg_overrides=arg_overrides)
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [checkpoint], arg_overrides=arg_overrides)
     model = models[0]
     if not hasattr(model, "start_stream"):
         raise ValueError(f"{checkpoint} holds a {type(model).__name__}, not a simultaneous "

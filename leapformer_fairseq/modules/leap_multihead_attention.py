@@ -139,7 +139,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
 
         Returns ``(T,)``, or ``(B, T)`` shifted by each sentence's left padding.
         """
-        limit = (torch.arange(target_length, device=device) + self.waitk_lagging) * self.waitk_stride
+        units = torch.arange(target_length, device=device) + self.waitk_lagging
+        limit = units * self.waitk_stride
         if key_padding_mask is None:
             return limit
         left_padding = (~key_padding_mask).long().cumsum(dim=1).eq(0).sum(dim=1)
