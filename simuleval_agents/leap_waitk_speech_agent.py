@@ -10,7 +10,8 @@ samples only and advances the encoder by the new frames only. SimulEval hands ov
 [-1, 1]; the training features were computed at int16 scale, so samples are scaled by 32768.
 Target pieces are written as whole detokenised words. Once the source is finished, everything
 left is written in one action with ``finished=True`` (SimulEval makes one call after the end,
-and only a finished prediction resets the agent for the next utterance).
+and only a finished prediction resets the agent for the next utterance); an EOS predicted
+earlier ends the translation, but ``finished=True`` still waits for the end of the source.
 """
 from argparse import ArgumentParser, Namespace
 
@@ -68,18 +69,20 @@ class LeaPWaitkSpeechAgent(SpeechToTextAgent):
 
     def policy(self) -> ReadAction | WriteAction:
         new_samples = self.states.source[self.samples_pushed:]
-        if new_samples:
+        if new_samples and not self.stream.finished:  # after EOS the audio is not needed
             if self.states.source_sample_rate != SAMPLE_RATE:
                 raise ValueError(
                     f"source audio at {self.states.source_sample_rate} Hz; this agent reads "
                     f"{SAMPLE_RATE} Hz (resample the wav files, e.g. prep_mustc.py --resample)")
             self.stream.push_audio(to_int16_scale(new_samples))
-            self.samples_pushed = len(self.states.source)
+        self.samples_pushed = len(self.states.source)
         if self.states.source_finished:
             self.stream.finish_source()
 
         words = predict_words(self.stream, self.target_dictionary, self.word_assembler)
-        if self.stream.finished:
+        # finished=True only once the source is finished: SimulEval resets a speech agent that
+        # finishes early and feeds the rest of the audio to the fresh one
+        if self.states.source_finished:
             return WriteAction(" ".join(words), finished=True)
         if words:
             return WriteAction(" ".join(words), finished=False)

@@ -2,6 +2,8 @@
 prep_mustc -> tiny ASR -> tiny wait-k ST (encoder from the ASR) -> the ``simuleval`` CLI with
 the speech agent -> BLEU and latency plain and computation-aware. Then the agent's outputs are
 checked against offline wait-k greedy decoding of the same checkpoint."""
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import pytest
 import sentencepiece
 import soundfile
 import torch
+from simuleval.data.segments import SpeechSegment
 
 from leapformer_fairseq.audio import GlobalCMVN, to_int16_scale
 from leapformer_fairseq.models.streaming import load_streaming_model, speech_waitk_greedy_decode
@@ -80,3 +83,48 @@ def test_agent_output_equals_offline_waitk_greedy(demo):
         assert instance["prediction"] == " ".join(expected.split()), wav
         outputs.append(instance["prediction"])
     assert sum(bool(o) for o in outputs) >= TEST_UTTERANCES // 2
+
+
+def load_speech_agent_class():
+    path = ROOT / "simuleval_agents" / "leap_waitk_speech_agent.py"
+    spec = importlib.util.spec_from_file_location("leap_waitk_speech_agent", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LeaPWaitkSpeechAgent
+
+
+def test_agent_finishes_with_the_source_and_does_not_leak(demo):
+    """SimulEval's own agent API (pushpop of 100 ms SpeechSegments), three utterances in a row,
+    reset only when the agent writes finished=True, as SimulEval's evaluator does: finished=True
+    comes exactly with the last segment, and every utterance's words equal offline decoding of
+    that utterance alone, so nothing leaks from one utterance into the next."""
+    agent_class = load_speech_agent_class()
+    checkpoint = demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"
+    agent = agent_class(argparse.Namespace(
+        checkpoint=str(checkpoint), data_dir=str(demo), config_yaml="config_st.yaml",
+        waitk=None, max_len_a=3.0, max_len_b=10, recompute=False, device="cpu"))
+    model, task = load_streaming_model(str(checkpoint), str(demo),
+                                       overrides={"config_yaml": "config_st.yaml"})
+    cmvn = GlobalCMVN.load(task.data_cfg.global_cmvn_stats_npz)
+    spm = sentencepiece.SentencePieceProcessor(
+        model_file=task.data_cfg.bpe_tokenizer["sentencepiece_model"])
+    for wav in (demo / "eval.wav_list").read_text().splitlines()[:3]:
+        samples, _ = soundfile.read(wav, dtype="float32")
+        written = []
+        for start in range(0, len(samples), 1600):
+            last = start + 1600 >= len(samples)
+            output = agent.pushpop(SpeechSegment(
+                index=start, content=samples[start:start + 1600].tolist(), sample_rate=16000,
+                finished=last))
+            assert output.finished == last
+            if output.content:
+                written.append(output.content)
+            if output.finished:
+                agent.reset()
+        tokens = speech_waitk_greedy_decode(model, to_int16_scale(samples), cmvn)
+        expected = spm.decode_pieces([task.target_dictionary[t] for t in tokens
+                                      if t != task.target_dictionary.eos()])
+        assert " ".join(written).split() == expected.split(), wav
+    with pytest.raises(ValueError, match="8000 Hz"):
+        agent.pushpop(SpeechSegment(index=0, content=[0.0] * 800, sample_rate=8000,
+                                    finished=False))

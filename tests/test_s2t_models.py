@@ -275,3 +275,14 @@ def test_missing_pretrained_encoder_is_an_error(tmp_path):
 
 def test_cmvn_statistics_shape(cmvn):
     assert cmvn.mean.shape == (80,) and np.all(cmvn.std.numpy() > 0)
+
+
+def test_audio_too_short_for_one_frame_translates_to_nothing(cmvn):
+    model, dictionary = build_s2t_model("leap")
+    samples = torch.randn(300) * 1000  # less than one 25 ms fbank window
+    assert speech_waitk_greedy_decode(model, samples, cmvn) == [dictionary.eos()]
+    for recompute in (False, True):
+        stream = model.start_stream(cmvn=cmvn, recompute=recompute)
+        stream.push_audio(samples)
+        stream.finish_source()
+        assert stream.predict() == dictionary.eos() and stream.finished

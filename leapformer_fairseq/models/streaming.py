@@ -85,6 +85,10 @@ class _WaitkDecoding:
         if not self.ready_to_write():
             raise RuntimeError(f"wait-{self.waitk} needs {len(self.target) + self.waitk} source "
                                f"units, {self._source_units()} read: read more first")
+        if self.source_finished and self._source_units() == 0:
+            # a source too short for one encoder state translates to nothing
+            self.target.append(self.target_eos)
+            return self.target_eos
         prev_tokens = torch.tensor([[self.target_eos] + self.target], device=self.device)
         if self.recompute:
             encoder_out = self._recompute_encoder_out()
@@ -285,6 +289,8 @@ def speech_waitk_greedy_decode(
     if cmvn is not None:
         features = cmvn(features)
     features = features.to(device=device, dtype=parameter.dtype)
+    if features.size(0) == 0:  # too short for one frame: translates to nothing
+        return [model.decoder.dictionary.eos()]
     encoder_out = model.encoder(features.unsqueeze(0),
                                 torch.tensor([features.size(0)], device=device))
     frames = encoder_out["encoder_out"][0].size(0)
