@@ -1,6 +1,7 @@
 """What the recipes share: timestamped logs, commands that stop the recipe with a message naming
 the step, SimulEval runs in parallel, and the results table with its BLEU-vs-latency plot."""
 import json
+import logging
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,7 @@ class Recipe:
         print(table)
 
         import matplotlib
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # SimulEval logs at DEBUG
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

@@ -16,6 +16,7 @@ earlier ends the translation, but ``finished=True`` still waits for the end of t
 from argparse import ArgumentParser, Namespace
 
 import sentencepiece
+import torch
 from simuleval.agents import SpeechToTextAgent
 from simuleval.agents.actions import ReadAction, WriteAction
 from simuleval.utils import entrypoint
@@ -28,6 +29,7 @@ from leapformer_fairseq.pieces import WordAssembler, predict_words
 @entrypoint
 class LeaPWaitkSpeechAgent(SpeechToTextAgent):
     def __init__(self, args: Namespace):
+        torch.set_num_threads(args.threads)
         self.model, task = load_streaming_model(
             args.checkpoint, args.data_dir, args.device,
             overrides={"config_yaml": args.config_yaml})
@@ -40,7 +42,8 @@ class LeaPWaitkSpeechAgent(SpeechToTextAgent):
         cmvn_path = data_cfg.global_cmvn_stats_npz
         self.cmvn = GlobalCMVN.load(cmvn_path) if cmvn_path else None
         self.stream_options = dict(waitk=args.waitk, max_len_a=args.max_len_a,
-                                   max_len_b=args.max_len_b, recompute=args.recompute)
+                                   max_len_b=args.max_len_b, recompute=args.recompute,
+                                   eos_before_end=args.eos_before_end)
         super().__init__(args)  # calls reset()
 
     @staticmethod
@@ -57,6 +60,12 @@ class LeaPWaitkSpeechAgent(SpeechToTextAgent):
         parser.add_argument("--max-len-a", type=float, default=3.0,
                             help="stop at max-len-a * source units + max-len-b target pieces")
         parser.add_argument("--max-len-b", type=int, default=10)
+        parser.add_argument("--eos-before-end", action="store_true",
+                            help="let the model end the translation (EOS) before its wait-k "
+                                 "window covers the whole utterance (default: not)")
+        parser.add_argument("--threads", type=int, default=1,
+                            help="torch CPU threads (default 1: one sentence's small steps gain "
+                                 "nothing from more, and lose much on a busy machine)")
         parser.add_argument("--recompute", action="store_true",
                             help="recompute fbank, encoder and decoder over the whole prefix "
                                  "at every step (the reference implementation's way)")

@@ -13,6 +13,7 @@ as whole detokenised words. The agent only talks to the model's streaming API
 from argparse import ArgumentParser, Namespace
 
 import sentencepiece
+import torch
 from simuleval.agents import TextToTextAgent
 from simuleval.agents.actions import ReadAction, WriteAction
 from simuleval.utils import entrypoint
@@ -24,6 +25,7 @@ from leapformer_fairseq.pieces import WordAssembler, predict_words
 @entrypoint
 class LeaPWaitkTextAgent(TextToTextAgent):
     def __init__(self, args: Namespace):
+        torch.set_num_threads(args.threads)
         self.model, task = load_streaming_model(args.checkpoint, args.data_bin, args.device)
         self.source_dictionary = task.source_dictionary
         self.target_dictionary = task.target_dictionary
@@ -44,6 +46,9 @@ class LeaPWaitkTextAgent(TextToTextAgent):
         parser.add_argument("--max-len-a", type=float, default=2.0,
                             help="stop at max-len-a * source pieces + max-len-b target pieces")
         parser.add_argument("--max-len-b", type=int, default=10)
+        parser.add_argument("--threads", type=int, default=1,
+                            help="torch CPU threads (default 1: one sentence's small steps gain "
+                                 "nothing from more, and lose much on a busy machine)")
         parser.add_argument("--recompute", action="store_true",
                             help="re-encode and re-decode the whole prefix at every step "
                                  "(the reference implementation's way), for comparison")

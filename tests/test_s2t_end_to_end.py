@@ -99,10 +99,12 @@ def test_agent_finishes_with_the_source_and_does_not_leak(demo):
     comes exactly with the last segment, and every utterance's words equal offline decoding of
     that utterance alone, so nothing leaks from one utterance into the next."""
     agent_class = load_speech_agent_class()
+    threads = torch.get_num_threads()  # the agent sets it; restored below
     checkpoint = demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"
     agent = agent_class(argparse.Namespace(
         checkpoint=str(checkpoint), data_dir=str(demo), config_yaml="config_st.yaml",
-        waitk=None, max_len_a=3.0, max_len_b=10, recompute=False, device="cpu"))
+        waitk=None, max_len_a=3.0, max_len_b=10, recompute=False, device="cpu", threads=threads,
+        eos_before_end=False))
     model, task = load_streaming_model(str(checkpoint), str(demo),
                                        overrides={"config_yaml": "config_st.yaml"})
     cmvn = GlobalCMVN.load(task.data_cfg.global_cmvn_stats_npz)
@@ -128,3 +130,4 @@ def test_agent_finishes_with_the_source_and_does_not_leak(demo):
     with pytest.raises(ValueError, match="8000 Hz"):
         agent.pushpop(SpeechSegment(index=0, content=[0.0] * 800, sample_rate=8000,
                                     finished=False))
+    torch.set_num_threads(threads)

@@ -140,18 +140,20 @@ def test_streamed_encoder_equals_offline_encoder(attn_type, chunk_causal, uttera
 
 
 # ------------------------------------------------------------ streaming == offline decode
-def stream_translate(model, samples, cmvn, rng, recompute=False):
-    stream = model.start_stream(cmvn=cmvn, recompute=recompute)
+def stream_translate(model, samples, cmvn, rng, recompute=False, eos_before_end=False):
+    """Read random 10-500 ms chunks (the last one with the end of the source, as SimulEval
+    sends it), write whenever wait-k allows, until EOS."""
+    stream = model.start_stream(cmvn=cmvn, recompute=recompute, eos_before_end=eos_before_end)
     position = 0
     while not stream.finished:
         if stream.ready_to_write():
             stream.predict()
-        elif position < samples.numel():
+        else:
             step = rng.randint(160, 8000)
             stream.push_audio(samples[position:position + step])
             position += step
-        else:
-            stream.finish_source()
+            if position >= samples.numel():
+                stream.finish_source()
     return stream
 
 
@@ -170,6 +172,9 @@ def test_streamed_decoding_equals_offline_waitk_greedy(attn_type, chunk_causal, 
         assert streamed.target == offline
         recomputed = stream_translate(model, samples, cmvn, rng, recompute=True)
         assert recomputed.target == offline
+        early = stream_translate(model, samples, cmvn, rng, eos_before_end=True)
+        assert early.target == speech_waitk_greedy_decode(model, samples, cmvn,
+                                                          eos_before_end=True)
         distinct.add(tuple(offline))
         if attn_type == "leap":
             # each encoder frame computed once, each target token decoded once
@@ -275,6 +280,22 @@ def test_missing_pretrained_encoder_is_an_error(tmp_path):
 
 def test_cmvn_statistics_shape(cmvn):
     assert cmvn.mean.shape == (80,) and np.all(cmvn.std.numpy() > 0)
+
+
+def test_no_eos_before_the_window_covers_the_utterance(utterances, cmvn):
+    """By default a speech stream predicts EOS only once token i's window (i + k) * r covers
+    every encoder frame: the translation runs to the end of the audio."""
+    model, dictionary = build_s2t_model("leap")
+    with torch.no_grad():  # make EOS the most likely token everywhere
+        model.decoder.output_projection.bias = torch.nn.Parameter(
+            torch.zeros(len(dictionary)).index_fill(0, torch.tensor([dictionary.eos()]), 1e3))
+    samples = utterances[0]
+    streamed = stream_translate(model, samples, cmvn, random.Random(0))
+    frames = streamed.encoded
+    assert len(streamed.target) - 1 + 2 == -(-frames // 3)  # first i with (i + 2) * 3 >= frames
+    assert streamed.target[-1] == dictionary.eos()
+    assert stream_translate(model, samples, cmvn, random.Random(0),
+                            eos_before_end=True).target == [dictionary.eos()]
 
 
 def test_audio_too_short_for_one_frame_translates_to_nothing(cmvn):

@@ -18,11 +18,24 @@ from torch import Tensor
 from leapformer_fairseq.audio import GlobalCMVN, IncrementalFbank, fbank, num_frames
 
 
-def greedy_token(logits: Tensor, dictionary) -> int:
-    """The most likely token other than padding (as fairseq's generator), from ``(V,)``."""
+def greedy_token(logits: Tensor, dictionary, allow_eos: bool = True) -> int:
+    """The most likely token other than padding (as fairseq's generator), and other than EOS
+    unless ``allow_eos``, from ``(V,)``."""
     logits = logits.clone()
     logits[dictionary.pad()] = float("-inf")
+    if not allow_eos:
+        logits[dictionary.eos()] = float("-inf")
     return int(logits.argmax())
+
+
+def eos_allowed(position: int, waitk: int, frames_per_unit: int, source_frames: Optional[int],
+                eos_before_end: bool) -> bool:
+    """May target token ``position`` be EOS? Always with ``eos_before_end``; otherwise only once
+    its wait-k window ``(position + k) * r`` covers the whole source of ``source_frames``
+    encoder states (``None``: the source is not finished, so its length is unknown)."""
+    if eos_before_end:
+        return True
+    return source_frames is not None and (position + waitk) * frames_per_unit >= source_frames
 
 
 class _WaitkDecoding:
@@ -34,7 +47,7 @@ class _WaitkDecoding:
     """
 
     def __init__(self, model, waitk: Optional[int], frames_per_unit: int, max_len_a: float,
-                 max_len_b: int, recompute: bool):
+                 max_len_b: int, recompute: bool, eos_before_end: bool):
         if model.training:
             raise ValueError("streaming needs the model in eval mode (model.eval())")
         self.model = model
@@ -44,6 +57,7 @@ class _WaitkDecoding:
         self.frames_per_unit = frames_per_unit
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         self.recompute = recompute
+        self.eos_before_end = eos_before_end
         self.target_eos = model.decoder.dictionary.eos()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -59,6 +73,11 @@ class _WaitkDecoding:
         self.decoder_positions_computed = 0
 
     def _source_units(self) -> int:
+        raise NotImplementedError
+
+    def _encoder_frames(self) -> int:
+        """Encoder states of the source read so far (computed, or to compute in recompute
+        mode)."""
         raise NotImplementedError
 
     def _recompute_encoder_out(self) -> Dict:
@@ -97,7 +116,10 @@ class _WaitkDecoding:
             logits = logits[0, -1]
         else:
             logits = self._incremental_logits(prev_tokens)
-        token = greedy_token(logits, self.model.decoder.dictionary)
+        source_frames = self._encoder_frames() if self.source_finished else None
+        allow_eos = eos_allowed(len(self.target), self.waitk, self.frames_per_unit,
+                                source_frames, self.eos_before_end)
+        token = greedy_token(logits, self.model.decoder.dictionary, allow_eos)
         if self.source_finished and len(self.target) + 1 >= (
             self.max_len_a * self._source_units() + self.max_len_b
         ):
@@ -131,15 +153,19 @@ class WaitkStream(_WaitkDecoding):
         max_len_a, max_len_b: once the source is finished, stop (emit EOS) at
             ``max_len_a * source_tokens + max_len_b`` target tokens.
         recompute: re-encode and re-decode the whole prefix at every prediction.
+        eos_before_end: allow EOS before the token's wait-k window covers the whole source.
     """
 
     def __init__(self, model, waitk: Optional[int] = None, max_len_a: float = 2.0,
-                 max_len_b: int = 10, recompute: bool = False):
-        super().__init__(model, waitk, 1, max_len_a, max_len_b, recompute)
+                 max_len_b: int = 10, recompute: bool = False, eos_before_end: bool = True):
+        super().__init__(model, waitk, 1, max_len_a, max_len_b, recompute, eos_before_end)
         self.source_eos = model.encoder.dictionary.eos()
         self.source: List[int] = []
 
     def _source_units(self) -> int:
+        return len(self.source)
+
+    def _encoder_frames(self) -> int:
         return len(self.source)
 
     @torch.no_grad()
@@ -184,12 +210,16 @@ class SpeechWaitkStream(_WaitkDecoding):
             ``max_len_a * source_units + max_len_b`` target tokens.
         recompute: at every prediction, recompute fbank, encoder and decoder over the whole
             prefix (the reference implementation's re-encoding).
+        eos_before_end: allow EOS before the token's wait-k window covers the whole utterance
+            (default False: an undertrained or a long-stream model would otherwise stop early
+            and ignore the rest of the audio).
     """
 
     def __init__(self, model, cmvn: Optional[GlobalCMVN] = None, waitk: Optional[int] = None,
-                 max_len_a: float = 3.0, max_len_b: int = 10, recompute: bool = False):
+                 max_len_a: float = 3.0, max_len_b: int = 10, recompute: bool = False,
+                 eos_before_end: bool = False):
         super().__init__(model, waitk, model.decoder.cross_attention_config.waitk_stride,
-                         max_len_a, max_len_b, recompute)
+                         max_len_a, max_len_b, recompute, eos_before_end)
         self.cmvn = cmvn
         self.fbank = IncrementalFbank()
         self.samples: List[Tensor] = []  # kept in recompute mode only
@@ -247,17 +277,22 @@ class SpeechWaitkStream(_WaitkDecoding):
 
 @torch.no_grad()
 def greedy_decode_from_encoder_out(model, encoder_out: Dict, source_units: int,
-                                   max_len_a: float, max_len_b: int) -> List[int]:
+                                   max_len_a: float, max_len_b: int,
+                                   eos_before_end: bool) -> List[int]:
     """Offline wait-k greedy decoding from a full ``encoder_out``: every step is a full parallel
     decoder forward whose cross-attention limits follow the wait-k schedule of training. The
     reference that streaming must reproduce token for token."""
     eos = model.decoder.dictionary.eos()
     device = next(model.parameters()).device
+    cross = model.decoder.cross_attention_config
+    source_frames = encoder_out["encoder_out"][0].size(0)
     target: List[int] = []
     while not target or target[-1] != eos:
         prev_tokens = torch.tensor([[eos] + target], device=device)
         logits, _ = model.decoder(prev_tokens, encoder_out=encoder_out)
-        token = greedy_token(logits[0, -1], model.decoder.dictionary)
+        allow_eos = eos_allowed(len(target), cross.waitk_lagging, cross.waitk_stride,
+                                source_frames, eos_before_end)
+        token = greedy_token(logits[0, -1], model.decoder.dictionary, allow_eos)
         if len(target) + 1 >= max_len_a * source_units + max_len_b:
             token = eos
         target.append(token)
@@ -266,20 +301,21 @@ def greedy_decode_from_encoder_out(model, encoder_out: Dict, source_units: int,
 
 @torch.no_grad()
 def waitk_greedy_decode(
-    model, source: Sequence[int], max_len_a: float = 2.0, max_len_b: int = 10
+    model, source: Sequence[int], max_len_a: float = 2.0, max_len_b: int = 10,
+    eos_before_end: bool = True,
 ) -> List[int]:
     """Offline wait-k greedy decoding of a text source (token ids without EOS)."""
     device = next(model.parameters()).device
     tokens = torch.tensor([list(source) + [model.encoder.dictionary.eos()]], device=device)
     encoder_out = model.encoder(tokens, src_lengths=torch.tensor([tokens.size(1)], device=device))
     return greedy_decode_from_encoder_out(model, encoder_out, tokens.size(1), max_len_a,
-                                          max_len_b)
+                                          max_len_b, eos_before_end)
 
 
 @torch.no_grad()
 def speech_waitk_greedy_decode(
     model, samples: Tensor, cmvn: Optional[GlobalCMVN] = None, max_len_a: float = 3.0,
-    max_len_b: int = 10,
+    max_len_b: int = 10, eos_before_end: bool = False,
 ) -> List[int]:
     """Offline wait-k greedy decoding of a whole utterance ``(N,)`` (int16-scale samples):
     fbank of the whole audio, parallel encoder, then :func:`greedy_decode_from_encoder_out`."""
@@ -296,7 +332,8 @@ def speech_waitk_greedy_decode(
     frames = encoder_out["encoder_out"][0].size(0)
     ratio = model.decoder.cross_attention_config.waitk_stride
     units = -(-frames // ratio)
-    return greedy_decode_from_encoder_out(model, encoder_out, units, max_len_a, max_len_b)
+    return greedy_decode_from_encoder_out(model, encoder_out, units, max_len_a, max_len_b,
+                                          eos_before_end)
 
 
 def load_streaming_model(checkpoint: str, data_bin: Optional[str] = None, device: str = "cpu",
