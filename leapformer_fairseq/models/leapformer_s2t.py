@@ -164,9 +164,11 @@ class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
         S2TTransformerModel.add_args(parser)
         add_attention_args(parser)
 
+    subsampler_class = Conv1dSubsampler
+
     @classmethod
     def build_subsampler(cls, args) -> nn.Module:
-        return Conv1dSubsampler(
+        return cls.subsampler_class(
             args.input_feat_per_channel * args.input_channels, args.conv_channels,
             args.encoder_embed_dim, [int(k) for k in args.conv_kernel_sizes.split(",")],
         )
@@ -215,6 +217,8 @@ class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
     """Simultaneous speech-to-text: causal subsampler and encoder, wait-k cross-attention on
     units of ``--fixed-pre-decision-ratio`` encoder frames."""
 
+    subsampler_class = CausalConv1dSubsampler
+
     @staticmethod
     def add_args(parser):
         LeaPformerS2TTransformerModel.add_args(parser)
@@ -239,13 +243,6 @@ class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
         chunk = cls.pre_decision_ratio(args) if getattr(args, "chunk_causal_encoder", False) \
             else 1
         return attention_config(args, "encoder", causal=True, causal_chunk=chunk)
-
-    @classmethod
-    def build_subsampler(cls, args) -> nn.Module:
-        return CausalConv1dSubsampler(
-            args.input_feat_per_channel * args.input_channels, args.conv_channels,
-            args.encoder_embed_dim, [int(k) for k in args.conv_kernel_sizes.split(",")],
-        )
 
     @classmethod
     def cross_attention(cls, args) -> AttentionConfig:
