@@ -1,10 +1,13 @@
 """Speech end to end on a tiny synthesised corpus, through the recipe's demo: espeak-ng TTS ->
 prep_mustc -> tiny ASR -> tiny wait-k ST (encoder from the ASR) -> the ``simuleval`` CLI with
 the speech agent -> BLEU and latency plain and computation-aware. Then the agent's outputs are
-checked against offline wait-k greedy decoding of the same checkpoint."""
+checked against offline wait-k greedy decoding of the same checkpoint, as whole words,
+whitespace-normalised. Nothing here depends on what the undertrained models emit. The recipe runs
+on one torch thread, so the checkpoints are the same whatever the machine's core count."""
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +18,7 @@ import soundfile
 import torch
 from simuleval.data.segments import SpeechSegment
 
-from leapformer_fairseq.audio import GlobalCMVN, to_int16_scale
+from leapformer_fairseq.audio import GlobalCMVN, num_frames, to_int16_scale
 from leapformer_fairseq.models.streaming import load_streaming_model, speech_waitk_greedy_decode
 from leapformer_fairseq.simuleval_scores import read_scores_tsv
 
@@ -31,7 +34,7 @@ def demo(tmp_path_factory):
          "--train-pairs", "60", "--test-pairs", str(TEST_UTTERANCES), "--vocab-size", "200",
          "--asr-updates", "12", "--st-updates", "12", "--waitk", "2",
          "--pre-decision-ratio", "3", "--segment-ms", "160"],
-        check=True, cwd=ROOT,
+        check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     return out
 
@@ -63,7 +66,8 @@ def test_asr_encoder_initialised_the_st_model(demo):
 
 def test_agent_output_equals_offline_waitk_greedy(demo):
     """The agent streamed each test utterance in 160 ms segments; offline decoding reads the
-    whole wav at once. Same words, for all test utterances."""
+    whole wav at once. Same words, for all test utterances. EOS is barred until the wait-k
+    window covers the utterance, so every translation has at least ``units - k`` pieces."""
     run = demo / "eval" / "leap_k2"
     model, task = load_streaming_model(str(demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"),
                                        str(demo), overrides={"config_yaml": "config_st.yaml"})
@@ -73,16 +77,18 @@ def test_agent_output_equals_offline_waitk_greedy(demo):
     instances = [json.loads(line) for line in (run / "instances.log").open()]
     wavs = (demo / "eval.wav_list").read_text().splitlines()
     assert len(instances) == len(wavs) == TEST_UTTERANCES
-    outputs = []
+    cross = model.decoder.cross_attention_config
+    ratio, waitk = cross.waitk_stride, cross.waitk_lagging
     for instance, wav in zip(instances, wavs):
         samples, rate = soundfile.read(wav, dtype="float32")
         assert rate == 16000
         tokens = speech_waitk_greedy_decode(model, to_int16_scale(samples), cmvn)
         expected = spm.decode_pieces([task.target_dictionary[t] for t in tokens
                                       if t != task.target_dictionary.eos()])
-        assert instance["prediction"] == " ".join(expected.split()), wav
-        outputs.append(instance["prediction"])
-    assert sum(bool(o) for o in outputs) >= TEST_UTTERANCES // 2
+        assert instance["prediction"].split() == expected.split(), wav
+        frames = model.encoder.subsampler.output_lengths(torch.tensor(num_frames(len(samples))))
+        units = -(-int(frames) // ratio)
+        assert len(tokens) - 1 >= units - waitk, wav
 
 
 def load_speech_agent_class():

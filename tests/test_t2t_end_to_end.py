@@ -1,8 +1,12 @@
 """Recipe end to end on a tiny slice: prepare -> fairseq-train -> simuleval CLI with our agent.
 
-The agent's streamed outputs must equal offline wait-k greedy decoding of the same checkpoint.
+The agent's streamed outputs must equal offline wait-k greedy decoding of the same checkpoint,
+compared as the agent is specified to write them: whole words, whitespace-normalised. Nothing
+here depends on what the undertrained models emit. The recipe runs on one torch thread, so the
+checkpoints are the same whatever the machine's core count.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +23,7 @@ SENTENCES = 20
 
 def recipe(*arguments):
     done = subprocess.run([*RECIPE, *map(str, arguments)], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout
 
@@ -29,7 +33,7 @@ def evaluated(tmp_path_factory):
     data = tmp_path_factory.mktemp("t2t")
     recipe("prepare", "--corpus", ROOT / "data/gettext-mt/en-de.{split}.tsv", "--out", data,
            "--max-train", 1500, "--max-valid", 50, "--max-test", SENTENCES, "--vocab-size", 1000)
-    for attn_type in ("leap", "softmax"):  # enough updates for non-empty (if poor) outputs
+    for attn_type in ("leap", "softmax"):
         recipe("train", "--data", data, "--attn-type", attn_type, "--waitk", 3, "--arch",
                "leapformer_waitk_transformer_tiny", "--max-update", 250, "--warmup", 20,
                "--lr", 0.01, "--max-tokens", 2000, "--cpu")
@@ -69,4 +73,4 @@ def test_agent_output_equals_offline_waitk_greedy(evaluated, attn_type):
         offline = waitk_greedy_decode(model, ids)
         expected = spm.decode_pieces([task.target_dictionary[t] for t in offline
                                       if t != task.target_dictionary.eos()])
-        assert prediction == expected
+        assert prediction.split() == expected.split(), source
