@@ -24,7 +24,7 @@ def split_heads(x):
 
 
 def reference(module, query, key, key_padding_mask=None, allowed=None):
-    """Straight from LEAP.md §1: per-head scores of the module's own projections. (T, B, C)."""
+    """Straight from docs/math.md §1: per-head scores of the module's own projections. (T, B, C)."""
     bsz = query.size(1)
     q = split_heads(module.q_proj(query) * module.scaling)
     k = split_heads(module.k_proj(key))

@@ -1,4 +1,4 @@
-"""Each fast form of normalised linear attention against the naive reference (LEAP.md §1-3)."""
+"""Each fast form of normalised linear attention against the naive reference (docs/math.md §1-3)."""
 import pytest
 import torch
 

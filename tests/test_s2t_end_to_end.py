@@ -60,7 +60,8 @@ def test_asr_encoder_initialised_the_st_model(demo):
     asr = torch.load(demo / "runs" / "asr_leap_k2" / "checkpoint_last.pt", weights_only=False)
     st_args = torch.load(demo / "runs" / "st_leap_k2" / "checkpoint_last.pt",
                          weights_only=False)["cfg"]["model"]
-    assert st_args.load_pretrained_encoder_from.endswith("asr_leap_k2/checkpoint_last.pt")
+    assert st_args.encoder_initialized_from.endswith("asr_leap_k2/checkpoint_last.pt")
+    assert st_args.load_pretrained_encoder_from is None  # loading never reads the ASR file
     assert any(name.startswith("encoder.layers.") for name in asr["model"])
 
 

@@ -183,6 +183,12 @@ class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
 
     @classmethod
     def build_encoder(cls, args) -> LeaPS2TEncoder:
+        """The encoder, initialised from ``--load-pretrained-encoder-from`` when given.
+
+        The option is consumed: once the weights are loaded it is cleared from ``args`` (the
+        args the trainer saves in every checkpoint) and kept as ``encoder_initialized_from``,
+        so loading the checkpoint later never reads the pretrained file again.
+        """
         encoder = LeaPS2TEncoder(args, cls.encoder_attention(args), cls.build_subsampler(args))
         pretrained = getattr(args, "load_pretrained_encoder_from", None)
         if pretrained:
@@ -192,6 +198,8 @@ class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
             encoder = checkpoint_utils.load_pretrained_component_from_model(
                 component=encoder, checkpoint=pretrained)
             logger.info(f"loaded the encoder from {pretrained}")
+            args.encoder_initialized_from = pretrained
+            args.load_pretrained_encoder_from = None
         return encoder
 
     @classmethod
@@ -278,7 +286,7 @@ def _architecture(embed_dim: int, ffn_dim: int, encoder_layers: int, decoder_lay
     return set_defaults
 
 
-# _base follows LEAP.md §6: d 256, 12 + 6 layers, FFN 2048, 8 heads (head dim 32), pre-norm,
+# _base follows docs/math.md §6: d 256, 12 + 6 layers, FFN 2048, 8 heads (head dim 32), pre-norm,
 # 2 x Conv(3, stride 2); LeaP hidden 8 is head_dim / --leap-factor 4.
 S2T_ARCHITECTURES = {
     "tiny": _architecture(64, 128, 2, 1, 2, conv_channels=64),

@@ -345,7 +345,9 @@ def load_streaming_model(checkpoint: str, data_bin: Optional[str] = None, device
     """
     from fairseq import checkpoint_utils
 
-    arg_overrides = dict(overrides or {})
+    # inference never reads the checkpoint an encoder was initialised from (checkpoints saved
+    # before build_encoder cleared the option still name it)
+    arg_overrides = {"load_pretrained_encoder_from": None, **(overrides or {})}
     if data_bin is not None:
         arg_overrides["data"] = data_bin
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(

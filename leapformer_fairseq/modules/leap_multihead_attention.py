@@ -134,7 +134,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
     def waitk_key_limit(
         self, target_length: int, key_padding_mask: Optional[Tensor], device: torch.device
     ) -> Tensor:
-        """Wait-k (LEAP.md §4): target token i sees source units ``0 .. i + k - 1``, i.e. the
+        """Wait-k (docs/math.md §4): target token i sees source units ``0 .. i + k - 1``, i.e. the
         first ``(i + k) * waitk_stride`` keys.
 
         Returns ``(T,)``, or ``(B, T)`` shifted by each sentence's left padding.

@@ -1,4 +1,4 @@
-"""Feature maps of LEAP.md §1-2: relu features and the sin/cos re-weighting by proportions.
+"""Feature maps of docs/math.md §1-2: relu features and the sin/cos re-weighting by proportions.
 
 With ``phi(x, p) = [sin(pi p / 2) x, cos(pi p / 2) x]`` the LeaP score
 ``(q~ . k~) cos(pi/2 (p - p'))`` equals ``phi(q~, p) . phi(k~, p')``, so every linear-attention

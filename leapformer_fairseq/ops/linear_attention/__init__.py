@@ -1,4 +1,4 @@
-"""Normalised linear attention in four equivalent forms, plus the naive reference (LEAP.md §3).
+"""Normalised linear attention in four equivalent forms, plus the naive reference (docs/math.md §3).
 
 All tensors are ``(N, L, feature)`` with ``N = batch * heads``.
 """

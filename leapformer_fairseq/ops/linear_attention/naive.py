@@ -1,4 +1,4 @@
-"""Naive references, written straight from the formulas of LEAP.md §1.
+"""Naive references, written straight from the formulas of docs/math.md §1.
 
 They build the full ``(N, Lq, Lk)`` score matrix and are meant for tests only.
 """
