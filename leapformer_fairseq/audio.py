@@ -11,7 +11,7 @@ expects (SimulEval and soundfile give floats in [-1, 1]: use :func:`to_int16_sca
 makes :class:`IncrementalFbank` exact.
 """
 from pathlib import Path
-from typing import Iterable, Tuple, Union
+from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,29 @@ INT16_SCALE = 32768.0
 def to_int16_scale(samples: Union[Tensor, np.ndarray, Iterable[float]]) -> Tensor:
     """Float samples in [-1, 1] -> float32 tensor in int16 scale, ``(N,)``."""
     return torch.as_tensor(np.asarray(samples, dtype=np.float32)) * INT16_SCALE
+
+
+def check_finite(samples: Union[Tensor, np.ndarray], what: str) -> None:
+    """Refuse audio holding NaN or inf, naming ``what`` (a file or a stream)."""
+    bad = int((~np.isfinite(np.asarray(samples))).sum())
+    if bad:
+        raise ValueError(f"{what}: {bad} of {np.asarray(samples).size} samples are NaN or inf")
+
+
+def frames_to_mono(frames: Sequence, downmix: bool, what: str) -> np.ndarray:
+    """SimulEval's speech samples (floats, or one ``[c1, c2, ...]`` frame per sample for
+    multi-channel audio, as soundfile reads it) -> ``(N,)`` float32 mono.
+
+    Multi-channel audio is averaged over its channels when ``downmix`` is set and refused
+    otherwise, with a message naming ``what`` and the channel count.
+    """
+    samples = np.asarray(frames, dtype=np.float32)
+    if samples.ndim == 1:
+        return samples
+    if samples.shape[1] != 1 and not downmix:
+        raise ValueError(f"{what}: {samples.shape[1]} channels; expected mono audio (pass "
+                         "--downmix to average the channels, or convert the wav to mono)")
+    return samples.mean(axis=1)
 
 
 def to_mono_16k(waveform: Tensor, sample_rate: int, resample: bool, what: str) -> Tensor:

@@ -1,9 +1,24 @@
 """Whole words from a stream of SentencePiece pieces, for the SimulEval agents."""
+from pathlib import Path
 from typing import List
 
 import sentencepiece
 
+from leapformer_fairseq.models.streaming import RefusedInput
+
 WORD_START = "\u2581"
+
+
+def load_sentencepiece(path: str, flag: str) -> sentencepiece.SentencePieceProcessor:
+    """The SentencePiece model at ``path``; a missing or unreadable file is refused naming
+    ``flag`` and the file (SentencePiece's own errors do not name it)."""
+    if not Path(path).is_file():
+        raise RefusedInput(f"{flag}: SentencePiece model not found: {path}")
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        raise RefusedInput(f"{flag}: {path} is not a SentencePiece model "
+                           f"({str(error).strip()})") from None
 
 
 class WordAssembler:

@@ -14,8 +14,10 @@ SimulEval's own scorer classes twice, once on ``delays`` and once on ``elapsed``
     scores = plain_and_computation_aware_scores("eval/run1")  # {"BLEU":.., "AL":.., "AL_CA":..}
     write_scores_tsv(scores, "eval/run1/scores_plain_ca.tsv")
 
-or ``python -m leapformer_fairseq.simuleval_scores eval/run1`` for both. SimulEval is imported
-inside the functions, so importing :mod:`leapformer_fairseq` never needs it.
+or ``python -m leapformer_fairseq.simuleval_scores eval/run1`` for both.
+:func:`simuleval_score_only` is SimulEval's own scoring of a run made with ``--no-scoring``, with
+one clear error where SimulEval's latency scorers die (no instance has a prediction). SimulEval
+is imported inside the functions, so importing :mod:`leapformer_fairseq` never needs it.
 """
 import argparse
 import json
@@ -28,16 +30,24 @@ SCORES_FILE = "scores_plain_ca.tsv"
 CA_SUFFIX = "_CA"
 
 
-def _read_log(log: Path, latency_unit: str) -> List[dict]:
-    """Parsed records of ``log``; raises if it is missing, lacks computation-aware timing or was
-    written with another ``--eval-latency-unit`` than ``latency_unit``."""
-    if latency_unit not in ("word", "char", "spm"):
-        raise ValueError(f"latency_unit must be 'word', 'char' or 'spm', not {latency_unit!r}")
+def read_instances(log: Path) -> List[dict]:
+    """Parsed records of a SimulEval ``instances.log``; raises if it is missing or if no
+    instance has a prediction (SimulEval's latency scorers would die on ``mean([])``)."""
     if not log.is_file():
         raise FileNotFoundError(f"{log}: no SimulEval instances.log (run simuleval with --output)")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     if not any(record.get("delays") for record in records):
-        raise ValueError(f"{log}: no instance has a prediction with delays")
+        raise ValueError(f"{log}: the agent wrote nothing for any of its {len(records)} "
+                         "instances, so there is no latency to score")
+    return records
+
+
+def _read_log(log: Path, latency_unit: str) -> List[dict]:
+    """:func:`read_instances`, also refusing a log that lacks computation-aware timing or was
+    written with another ``--eval-latency-unit`` than ``latency_unit``."""
+    if latency_unit not in ("word", "char", "spm"):
+        raise ValueError(f"latency_unit must be 'word', 'char' or 'spm', not {latency_unit!r}")
+    records = read_instances(log)
     for record in records:
         delays, elapsed = record.get("delays") or [], record.get("elapsed") or []
         if delays and (len(elapsed) != len(delays) or not any(elapsed)):
@@ -123,6 +133,32 @@ def plain_and_computation_aware_scores(
             scorer_args = argparse.Namespace(**{**vars(args), "computation_aware": aware})
             scores[name + suffix] = float(scorer_class.from_args(scorer_args)(instances))
     return scores
+
+
+def simuleval_score_only(output_dir: Union[str, Path],
+                         simuleval_args: Sequence[str]) -> Dict[str, float]:
+    """SimulEval's own scoring (``simuleval --score-only``) of the run in ``output_dir``, which
+    writes ``scores.tsv`` and ``metrics.tsv`` as a scoring run does; returns the scores.
+
+    ``simuleval_args``: the run's scoring flags (``--source-type``, ``--target-type``,
+    ``--quality-metrics``, ``--latency-metrics``, ``--eval-latency-unit``,
+    ``--computation-aware``, ...). A run whose agent wrote nothing is refused first
+    (:func:`read_instances`), where SimulEval dies with ``statistics.StatisticsError``.
+    """
+    from simuleval import options
+    from simuleval.evaluator import SentenceLevelEvaluator
+
+    output = Path(output_dir)
+    read_instances(output / "instances.log")
+    argv = ["--output", str(output), "--score-only", "--no-progress-bar", *simuleval_args]
+    parser = options.general_parser()
+    options.add_evaluator_args(parser)
+    options.add_scorer_args(parser, argv)
+    options.add_dataloader_args(parser, argv)
+    evaluator = SentenceLevelEvaluator.from_args(parser.parse_args(argv))
+    evaluator.dump_results()
+    evaluator.dump_metrics()
+    return read_scores_tsv(output / "scores.tsv")
 
 
 def write_scores_tsv(scores: Mapping[str, float], path: Union[str, Path]) -> Path:

@@ -20,6 +20,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +30,10 @@ import numpy as np
 import soundfile
 import torch
 
-from leapformer_fairseq.audio import SAMPLE_RATE, to_mono_16k
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_common import atomic_output, read_lines, refuse_empty, write_text  # noqa: E402
+
+from leapformer_fairseq.audio import SAMPLE_RATE, to_mono_16k  # noqa: E402
 
 SPLITS = {"train": "train", "valid": "dev", "test": "tst-COMMON"}  # corpus -> MuST-C
 MARKER = "tts_corpus.json"  # settings of the last run; its presence allows overwriting
@@ -41,11 +45,12 @@ def log(message: str) -> None:
 
 
 def read_pairs(pattern: str, split: str, src: str, tgt: str) -> List[Tuple[str, str]]:
-    """(source, target) pairs of a gettext-mt TSV, columns chosen by its header line."""
+    """(source, target) pairs of a gettext-mt TSV, columns chosen by its header line; a wrong
+    header or field count, an empty field or non-UTF-8 text is refused naming ``file:line``."""
     path = Path(pattern.format(split=split))
     if not path.is_file():
         raise SystemExit(f"[tts] read: missing {path} (--corpus with {{split}})")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_lines(path, "tts")
     header = lines[0].split("\t") if lines else []
     if src not in header or tgt not in header:
         raise SystemExit(f"[tts] read: {path} header is {header}, expected columns "
@@ -58,6 +63,8 @@ def read_pairs(pattern: str, split: str, src: str, tgt: str) -> List[Tuple[str, 
             raise SystemExit(f"[tts] read: {path}:{number} has {len(fields)} fields, "
                              f"not {len(header)}")
         pairs.append((fields[src_column].strip(), fields[tgt_column].strip()))
+    refuse_empty([source for source, _ in pairs], path, f"source field ({src})", "tts", 2)
+    refuse_empty([target for _, target in pairs], path, f"target field ({tgt})", "tts", 2)
     return pairs
 
 
@@ -115,8 +122,7 @@ def write_split(args, split: str, pairs: List[Tuple[str, str]], out: Path) -> No
     wav_dir.mkdir(parents=True)
     txt_dir.mkdir(parents=True)
     for side, index in ((args.src, 0), (args.tgt, 1)):
-        (txt_dir / f"{split}.{side}").write_text(
-            "".join(pair[index] + "\n" for pair in pairs), encoding="utf-8")
+        write_text(txt_dir / f"{split}.{side}", "".join(pair[index] + "\n" for pair in pairs))
     starts = range(0, len(pairs), args.per_talk)
     plans = [talk_plan(args, split, talk) for talk in range(len(starts))]
     jobs = []
@@ -139,13 +145,13 @@ def write_split(args, split: str, pairs: List[Tuple[str, str]], out: Path) -> No
                                f"wav: {name}}}\n")
                 position += len(pieces[-1])
             pieces.append(pause(rng, args))
-            soundfile.write(wav_dir / name, np.concatenate(pieces), SAMPLE_RATE,
-                            subtype="PCM_16")
+            with atomic_output(wav_dir / name) as partial:
+                soundfile.write(partial, np.concatenate(pieces), SAMPLE_RATE, subtype="PCM_16")
             if time.time() - last_log > 10 or talk == len(starts) - 1:
                 last_log = time.time()
                 log(f"{split}: {len(entries)}/{len(pairs)} utterances, {talk + 1}/{len(starts)} "
                     f"talks ({time.time() - started:.0f} s)")
-    (txt_dir / f"{split}.yaml").write_text("".join(entries), encoding="utf-8")
+    write_text(txt_dir / f"{split}.yaml", "".join(entries))
 
 
 def clear_output(out: Path, splits: Sequence[str]) -> None:
@@ -205,7 +211,7 @@ def main() -> None:
     out = Path(args.out) / f"{args.src}-{args.tgt}"
     clear_output(out, list(SPLITS.values()))
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({
+    write_text(out / MARKER, json.dumps({
         "corpus": args.corpus, "src": args.src, "tgt": args.tgt, "per_talk": args.per_talk,
         "voices": args.voices, "speeds": args.speeds, "pause": args.pause, "seed": args.seed,
         "pairs": {SPLITS[split]: len(pairs[split]) for split in SPLITS}}, indent=2) + "\n")

@@ -16,7 +16,9 @@ txt/<split>.<lang>}`` and writes to OUT:
   every split.
 
 Audio must be 16 kHz mono unless ``--resample`` (down-mix, resample). Segments shorter than
-``--min-frames`` frames are skipped (and counted). fairseq reads the result with
+``--min-frames`` frames are skipped (and counted). Refused with a message naming the file (and
+line): a missing file, non-UTF-8 text, an empty transcript or translation line, a wav shorter
+than one fbank frame or holding NaN or inf. Every output file is written atomically. fairseq reads the result with
 
     fairseq-train OUT --task speech_to_text --config-yaml config_st.yaml --train-subset train_st \
         --valid-subset dev_st --required-batch-size-multiple 1 ...
@@ -24,6 +26,7 @@ Audio must be 16 kHz mono unless ``--resample`` (down-mix, resample). Segments s
 (fairseq 0.12 drops a last batch smaller than ``--required-batch-size-multiple``, default 8.)
 """
 import argparse
+import sys
 import time
 import unicodedata
 from pathlib import Path
@@ -35,8 +38,24 @@ import soundfile
 import torch
 import yaml
 
-from leapformer_fairseq.audio import (SAMPLE_RATE, cmvn_statistics, fbank, to_int16_scale,
-                                      to_mono_16k)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_common import (  # noqa: E402  (the sibling module)
+    atomic_output,
+    read_lines,
+    refuse_empty,
+    train_sentencepiece,
+    write_text,
+)
+
+from leapformer_fairseq.audio import (  # noqa: E402
+    FRAME_LENGTH,
+    SAMPLE_RATE,
+    check_finite,
+    cmvn_statistics,
+    fbank,
+    to_int16_scale,
+    to_mono_16k,
+)
 
 COLUMNS = ("id", "audio", "n_frames", "tgt_text", "speaker")
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")  # fairseq's Dictionary adds its own
@@ -53,9 +72,14 @@ def read_split(root: Path, split: str, lang: str) -> List[Dict]:
     for path in paths:
         if not path.is_file():
             raise SystemExit(f"[prep] {split}: missing {path} (--data-root, --lang, --splits)")
-    with open(paths[0], encoding="utf-8") as file:
-        segments = yaml.load(file, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or []
-    sources, targets = (path.read_text(encoding="utf-8").splitlines() for path in paths[1:])
+    try:
+        segments = yaml.load("\n".join(read_lines(paths[0], "prep")),
+                             Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or []
+    except yaml.YAMLError as error:
+        raise SystemExit(f"[prep] {paths[0]}: not valid YAML ({error})".replace("\n", " "))
+    sources, targets = (read_lines(path, "prep") for path in paths[1:])
+    refuse_empty(sources, paths[1], "transcript line", "prep")
+    refuse_empty(targets, paths[2], "translation line", "prep")
     if not len(segments) == len(sources) == len(targets):
         raise SystemExit(f"[prep] {split}: {paths[0]} has {len(segments)} segments, "
                          f"{paths[1]} {len(sources)} lines, {paths[2]} {len(targets)} lines")
@@ -68,15 +92,21 @@ def read_split(root: Path, split: str, lang: str) -> List[Dict]:
 
 
 def load_talk(path: Path, resample: bool) -> np.ndarray:
-    """A talk's samples as 16 kHz mono floats in [-1, 1]."""
+    """A talk's samples as 16 kHz mono floats in [-1, 1]; refused (naming the wav) unless 16 kHz
+    mono or ``resample``, shorter than one fbank frame, or holding NaN or inf."""
     if not path.is_file():
         raise SystemExit(f"[prep] missing {path} (named in the split's yaml)")
     samples, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
     try:
-        return to_mono_16k(torch.from_numpy(samples.T.copy()), sample_rate, resample,
-                           str(path)).numpy()
+        check_finite(samples, str(path))
+        samples = to_mono_16k(torch.from_numpy(samples.T.copy()), sample_rate, resample,
+                              str(path)).numpy()
     except ValueError as error:
         raise SystemExit(f"[prep] {error}")
+    if len(samples) < FRAME_LENGTH:
+        raise SystemExit(f"[prep] {path}: {len(samples)} samples, shorter than one fbank frame "
+                         f"({FRAME_LENGTH} samples, 25 ms)")
+    return samples
 
 
 def manifest_text(text: str) -> str:
@@ -104,7 +134,8 @@ def extract_split(args, root: Path, split: str, segments: Sequence[Dict],
                 short += 1
                 continue
             utterance = f"{Path(wav).stem}_{index}"
-            np.save(features / f"{utterance}.npy", frames.astype(np.float32))
+            with atomic_output(features / f"{utterance}.npy") as partial:
+                np.save(partial, frames.astype(np.float32))
             rows.append({"id": utterance, "audio": str((features / f"{utterance}.npy").resolve()),
                          "n_frames": frames.shape[0], "speaker": segment["speaker_id"],
                          "en": segment["en"], "tgt": segment["tgt"]})
@@ -127,7 +158,7 @@ def write_manifest(rows: Sequence[Dict], target: str, path: Path) -> None:
         lines.append("\t".join(str(value) for value in (
             row["id"], row["audio"], row["n_frames"], manifest_text(row[target]),
             row["speaker"])))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def train_spm(texts: Sequence[str], vocab_size: int, prefix: Path, flag: str) -> None:
@@ -143,15 +174,14 @@ def train_spm(texts: Sequence[str], vocab_size: int, prefix: Path, flag: str) ->
         log(f"{flag} {vocab_size} < {len(characters)} characters + {len(SPECIAL_PIECES)} "
             f"specials; using {len(characters) + len(SPECIAL_PIECES)}")
         vocab_size = len(characters) + len(SPECIAL_PIECES)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, bos_id=0,
-        pad_id=1, eos_id=2, unk_id=3, minloglevel=2)
+    train_sentencepiece(
+        prefix, sentence_iterator=iter(texts), vocab_size=vocab_size, model_type="unigram",
+        character_coverage=1.0, hard_vocab_limit=False, bos_id=0, pad_id=1, eos_id=2, unk_id=3,
+        minloglevel=2)
     model = sentencepiece.SentencePieceProcessor(model_file=f"{prefix}.model")
     pieces = [model.id_to_piece(i) for i in range(model.get_piece_size())]
-    Path(f"{prefix}.txt").write_text(
-        "".join(f"{piece} 1\n" for piece in pieces if piece not in SPECIAL_PIECES),
-        encoding="utf-8")
+    write_text(Path(f"{prefix}.txt"),
+               "".join(f"{piece} 1\n" for piece in pieces if piece not in SPECIAL_PIECES))
     log(f"{prefix}.model: {len(pieces)} pieces ({flag} {vocab_size})")
 
 
@@ -168,7 +198,7 @@ def write_config(out: Path, task: str) -> None:
         "global_cmvn": {"stats_npz_path": str((out / "gcmvn.npz").resolve())},
         "feature_transforms": {"*": ["global_cmvn"]},
     }
-    (out / f"config_{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_text(out / f"config_{task}.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def train_features(rows: Sequence[Dict]) -> Iterator[np.ndarray]:
@@ -219,7 +249,8 @@ def main() -> None:
             write_manifest(rows[split], target, out / f"{split}_{task}.tsv")
         log(f"{split}: {len(rows[split])} segments -> {out / split}_{{asr,st}}.tsv")
     mean, std = cmvn_statistics(train_features(rows["train"]))
-    np.savez(out / "gcmvn.npz", mean=mean, std=std)
+    with atomic_output(out / "gcmvn.npz") as partial:
+        np.savez(partial, mean=mean, std=std)
     log(f"global CMVN of {len(rows['train'])} train segments -> {out / 'gcmvn.npz'}")
     for task, target, vocab_size in (("asr", "en", args.vocab_size_asr),
                                      ("st", "tgt", args.vocab_size_st)):

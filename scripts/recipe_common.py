@@ -1,15 +1,85 @@
-"""What the recipes share: timestamped logs, commands that stop the recipe with a message naming
-the step, SimulEval runs in parallel, and the results table with its BLEU-vs-latency plot."""
+"""What the recipes and data scripts share: timestamped logs, commands that stop the recipe with
+a message naming the step, atomic output files, UTF-8 text read with errors naming file:line,
+SimulEval runs (in parallel) and their scoring, fairseq's count of skipped training samples, and
+the results table with its BLEU-vs-latency plot."""
 import json
 import logging
+import os
+import re
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 Item = TypeVar("Item")
+# fairseq.data.data_utils' warning when it drops samples longer than the model's max positions
+SKIPPED = re.compile(r"(\d+) samples have invalid sizes and will be skipped, max_positions=(.*?), "
+                     r"first few sample ids")
+VALIDATION = re.compile(r'begin validation on "([^"]+)" subset')
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix, so tools that pick a format by it work),
+    moved onto ``path`` with ``os.replace`` once the block succeeds and removed if it fails: a
+    failing step leaves no half-written file that a later step would trust."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_output(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+
+
+def read_lines(path: Path, tag: str) -> List[str]:
+    """The lines of a UTF-8 text file (split at ``\\n`` only, as fairseq reads them); bytes
+    that are not UTF-8 stop the script with a message naming ``path:line``."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise SystemExit(f"[{tag}] {path}:{line}: not UTF-8 ({error.reason}, byte "
+                         f"{data[error.start]:#04x})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def train_sentencepiece(prefix: Path, **options) -> None:
+    """``SentencePieceTrainer.train`` into ``prefix.model`` and ``prefix.vocab``, each written
+    atomically."""
+    import sentencepiece
+
+    with atomic_output(Path(f"{prefix}.model")) as model, \
+            atomic_output(Path(f"{prefix}.vocab")) as vocab:
+        partial = model.with_suffix("")
+        try:
+            sentencepiece.SentencePieceTrainer.train(model_prefix=str(partial), **options)
+            os.replace(f"{partial}.vocab", vocab)
+        finally:
+            Path(f"{partial}.vocab").unlink(missing_ok=True)
+
+
+def refuse_empty(lines: Sequence[str], path: Path, what: str, tag: str,
+                 first_line: int = 1) -> None:
+    """Stop at the first blank entry of ``lines`` (line ``first_line`` onwards of ``path``)
+    with a message naming ``path:line`` and ``what`` it should hold."""
+    for number, line in enumerate(lines, start=first_line):
+        if not line.strip():
+            raise SystemExit(f"[{tag}] {path}:{number}: empty {what}")
 
 
 class Recipe:
@@ -24,20 +94,62 @@ class Recipe:
     def fail(self, message: str) -> SystemExit:
         return SystemExit(f"[{self.tag}] {message}")
 
-    def run(self, command: Sequence, what: str, log_file: Optional[Path] = None) -> None:
-        """Run a command from the repository root, its output on the terminal (or in
-        ``log_file``); stop with a message naming the step if it fails."""
+    def run(self, command: Sequence, what: str, log_file: Optional[Path] = None,
+            echo: bool = False) -> None:
+        """Run a command from the repository root, its output on the terminal, or in
+        ``log_file`` (and on the terminal too with ``echo``); stop with a message naming the
+        step if it fails."""
         command = [str(c) for c in command]
         self.log(f"{what}: {' '.join(command)}" + (f" > {log_file}" if log_file else ""))
         if log_file is None:
-            done = subprocess.run(command, cwd=ROOT)
+            returncode = subprocess.run(command, cwd=ROOT).returncode
         else:
-            with open(log_file, "w") as output:
-                done = subprocess.run(command, cwd=ROOT, stdout=output,
-                                      stderr=subprocess.STDOUT)
-        if done.returncode != 0:
+            with open(log_file, "wb") as output:
+                process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT)
+                for chunk in iter(lambda: process.stdout.read1(1 << 16), b""):
+                    output.write(chunk)
+                    if echo:
+                        sys.stdout.buffer.write(chunk)
+                        sys.stdout.flush()
+                returncode = process.wait()
+        if returncode != 0:
             where = f"; its output is in {log_file}" if log_file else ""
-            raise self.fail(f"{what} failed (exit code {done.returncode}){where}")
+            raise self.fail(f"{what} failed (exit code {returncode}){where}")
+
+    def train(self, command: Sequence, what: str, log_file: Path) -> Dict[str, int]:
+        """``fairseq-train`` (its output on the terminal and in ``log_file``); logs how many
+        samples of each subset fairseq skipped as longer than the model's max positions
+        (``--skip-invalid-size-inputs-valid-test`` skips them in validation too) and returns
+        those counts."""
+        self.run(command, what, log_file, echo=True)
+        skipped: Dict[str, int] = {}
+        subset = "train"
+        for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            validation = VALIDATION.search(line)
+            subset = validation[1] if validation else "train" if "begin training epoch" in line \
+                else subset
+            match = SKIPPED.search(line)
+            if match and subset not in skipped:
+                skipped[subset] = int(match[1])
+                self.log(f"{what}: skipped {match[1]} {subset} sample(s) longer than "
+                         f"max_positions={match[2]} (--max-source-positions, "
+                         f"--max-target-positions); see {log_file}")
+        return skipped
+
+    def simuleval(self, command: Sequence, scoring: Sequence[str], output: Path, what: str,
+                  quiet: bool) -> Dict[str, float]:
+        """The ``simuleval`` CLI ``command`` with ``--no-scoring``, then SimulEval's own scoring
+        of the run with the ``scoring`` flags into ``output/scores.tsv``; a run whose agent wrote
+        nothing stops with one line naming it (SimulEval itself dies with a traceback)."""
+        from leapformer_fairseq.simuleval_scores import simuleval_score_only
+
+        self.run([*command, *scoring, "--no-scoring"], what,
+                 log_file=output / "simuleval.log" if quiet else None)
+        try:
+            return simuleval_score_only(output, scoring)
+        except ValueError as error:
+            raise self.fail(f"{what}: {error}") from None
 
     def parallel(self, function: Callable[[Item], Dict], items: Sequence[Item],
                  jobs: int) -> List[Dict]:
@@ -60,8 +172,8 @@ class Recipe:
                 for c in header) + " |")
         table = "\n".join(lines) + "\n"
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.md").write_text(table)
-        (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(out / "results.md", table)
+        write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
         print(table)
 
         import matplotlib
@@ -82,5 +194,6 @@ class Recipe:
         axis.set(xlabel=xlabel, ylabel="BLEU", title=f"BLEU vs {metrics}")
         axis.legend(fontsize=8)
         figure.tight_layout()
-        figure.savefig(out / "bleu_vs_al.png", dpi=110)
+        with atomic_output(out / "bleu_vs_al.png") as partial:
+            figure.savefig(partial, dpi=110)
         self.log(f"evaluate: {out / 'results.md'}, {out / 'bleu_vs_al.png'}")

@@ -27,7 +27,7 @@ import soundfile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from prep_mustc import load_talk, read_split  # noqa: E402  (the sibling script)
-from recipe_common import Recipe  # noqa: E402
+from recipe_common import Recipe, atomic_output, read_lines, write_text  # noqa: E402
 
 from leapformer_fairseq.audio import SAMPLE_RATE  # noqa: E402
 from leapformer_fairseq.simuleval_scores import (  # noqa: E402
@@ -55,7 +55,7 @@ def prepare(args) -> None:
          args.vocab_size_st, *(["--resample"] if args.resample else [])], "prepare: prep_mustc")
     cut_eval_segments(Path(args.data_root), args.lang, args.eval_split, out, args.resample,
                       args.max_eval)
-    (out / "recipe.json").write_text(json.dumps({
+    write_text(out / "recipe.json", json.dumps({
         "lang": args.lang, "train": args.train_split, "valid": args.valid_split,
         "eval": args.eval_split}) + "\n")
     log(f"prepare: done -> {out}")
@@ -80,11 +80,11 @@ def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resampl
         start = round(float(segment["offset"]) * SAMPLE_RATE)
         samples = talks[talk][start:start + round(float(segment["duration"]) * SAMPLE_RATE)]
         path = folder / f"{Path(talk).stem}_{index}.wav"
-        soundfile.write(path, samples, SAMPLE_RATE, subtype="PCM_16")
+        with atomic_output(path) as partial:
+            soundfile.write(partial, samples, SAMPLE_RATE, subtype="PCM_16")
         paths.append(str(path.resolve()))
-    (out / "eval.wav_list").write_text("".join(p + "\n" for p in paths))
-    (out / f"eval.{lang}").write_text("".join(s["tgt"] + "\n" for s in segments),
-                                      encoding="utf-8")
+    write_text(out / "eval.wav_list", "".join(p + "\n" for p in paths))
+    write_text(out / f"eval.{lang}", "".join(s["tgt"] + "\n" for s in segments))
     log(f"prepare: {len(paths)} {split} segments -> {folder}")
 
 
@@ -113,13 +113,16 @@ def train_command(args, task: str, save: Path, extra: Sequence = ()) -> List:
             "--save-interval-updates", args.max_update, "--keep-interval-updates", "1",
             "--seed", args.seed, "--log-format", "simple", "--log-interval", "10",
             "--num-workers", "0", "--required-batch-size-multiple", "1",
+            "--skip-invalid-size-inputs-valid-test",
             *(["--cpu"] if args.cpu else []), *extra,
             *args.fairseq_args]
 
 
 def train_asr(args) -> None:
     save = run_dir(Path(args.data), "asr", args.attn_type, args.waitk)
-    run(train_command(args, "asr", save), f"train-asr {args.attn_type}")
+    save.mkdir(parents=True, exist_ok=True)
+    RECIPE.train(train_command(args, "asr", save), f"train-asr {args.attn_type}",
+                 save / "train.log")
     log(f"train-asr: checkpoints in {save}")
 
 
@@ -132,8 +135,9 @@ def train_st(args) -> None:
                          f"--attn-type {args.attn_type} --waitk {args.waitk} or pass "
                          "--asr-checkpoint")
     save = run_dir(data, "st", args.attn_type, args.waitk)
-    run(train_command(args, "st", save, ["--load-pretrained-encoder-from", asr]),
-        f"train-st {args.attn_type} wait-{args.waitk}")
+    save.mkdir(parents=True, exist_ok=True)
+    RECIPE.train(train_command(args, "st", save, ["--load-pretrained-encoder-from", asr]),
+                 f"train-st {args.attn_type} wait-{args.waitk}", save / "train.log")
     log(f"train-st: checkpoints in {save}")
 
 
@@ -150,20 +154,21 @@ def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, segment_ms
     output.mkdir(parents=True, exist_ok=True)
     if sentences:
         for path, name in ((source, "source.txt"), (target, "target.txt")):
-            lines = path.read_text(encoding="utf-8").splitlines()[:sentences]
-            (output / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            lines = read_lines(path, "s2t")[:sentences]
+            write_text(output / name, "".join(line + "\n" for line in lines))
         source, target = output / "source.txt", output / "target.txt"
     (output / "instances.log").unlink(missing_ok=True)  # SimulEval appends to it
-    run([*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
-         "--source-type", "speech", "--target-type", "text",
+    RECIPE.simuleval(
+        [*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
          "--checkpoint", checkpoint, "--data-dir", data, "--config-yaml", "config_st.yaml",
-         "--waitk", waitk, "--output", output, "--source-segment-size", segment_ms,
-         "--quality-metrics", "BLEU", "--latency-metrics", *LATENCY_METRICS,
-         "--eval-latency-unit", "word", "--computation-aware", *extra],
-        f"simuleval wait-{waitk} {checkpoint.parent.name}",
-        log_file=output / "simuleval.log" if quiet else None)
+         "--waitk", waitk, "--output", output, "--source-segment-size", segment_ms, *extra],
+        ["--source-type", "speech", "--target-type", "text", "--quality-metrics", "BLEU",
+         "--latency-metrics", *LATENCY_METRICS, "--eval-latency-unit", "word",
+         "--computation-aware"],
+        output, f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet)
     scores = plain_and_computation_aware_scores(output, LATENCY_METRICS, ("BLEU",), "word")
-    write_scores_tsv(scores, output / "scores_plain_ca.tsv")
+    with atomic_output(output / "scores_plain_ca.tsv") as partial:
+        write_scores_tsv(scores, partial)
     return scores
 
 

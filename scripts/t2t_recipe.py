@@ -12,6 +12,7 @@ via ``--plain-prefix``. Every step logs what it runs; failures name the step and
 """
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +20,13 @@ from typing import Dict, List, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from recipe_common import Recipe  # noqa: E402  (the sibling module)
+from recipe_common import (  # noqa: E402  (the sibling module)
+    Recipe,
+    read_lines,
+    refuse_empty,
+    train_sentencepiece,
+    write_text,
+)
 
 RECIPE = Recipe("t2t")
 log, run = RECIPE.log, RECIPE.run
@@ -36,23 +43,26 @@ LATENCY_METRICS = ("AL", "LAAL", "AP", "DAL")
 
 # ---------------------------------------------------------------------------- prepare
 def read_pairs(args, split: str) -> List[Tuple[str, str]]:
+    """(source, target) pairs of one split; a missing file, a wrong header or field count, an
+    empty side or non-UTF-8 text stops the recipe naming the file (and line)."""
     if args.plain_prefix:
         src_path = Path(f"{args.plain_prefix}.{split}.{args.src}")
         tgt_path = Path(f"{args.plain_prefix}.{split}.{args.tgt}")
         for path in (src_path, tgt_path):
             if not path.is_file():
                 raise SystemExit(f"[t2t] prepare: missing {path} (--plain-prefix)")
-        sources = src_path.read_text(encoding="utf-8").splitlines()
-        targets = tgt_path.read_text(encoding="utf-8").splitlines()
+        sources, targets = read_lines(src_path, "t2t"), read_lines(tgt_path, "t2t")
         if len(sources) != len(targets):
             raise SystemExit(f"[t2t] prepare: {src_path} has {len(sources)} lines, "
                              f"{tgt_path} has {len(targets)}")
-        return list(zip(sources, targets))
+        refuse_empty(sources, src_path, "source line", "t2t")
+        refuse_empty(targets, tgt_path, "target line", "t2t")
+        return [(source.strip(), target.strip()) for source, target in zip(sources, targets)]
     path = Path(args.corpus.format(split=split))
     if not path.is_file():
         raise SystemExit(f"[t2t] prepare: missing {path} (--corpus with {{split}})")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
+    lines = read_lines(path, "t2t")
+    header = lines[0].split("\t") if lines else []
     if header[1:] != [args.src, args.tgt]:
         raise SystemExit(f"[t2t] prepare: {path} header is {header}, expected "
                          f"['domain', '{args.src}', '{args.tgt}']")
@@ -62,6 +72,8 @@ def read_pairs(args, split: str) -> List[Tuple[str, str]]:
         if len(fields) != 3:
             raise SystemExit(f"[t2t] prepare: {path}:{number} has {len(fields)} fields, not 3")
         pairs.append((fields[1].strip(), fields[2].strip()))
+    refuse_empty([source for source, _ in pairs], path, f"source field ({args.src})", "t2t", 2)
+    refuse_empty([target for _, target in pairs], path, f"target field ({args.tgt})", "t2t", 2)
     return pairs
 
 
@@ -77,29 +89,29 @@ def prepare(args) -> None:
             pairs[split] = pairs[split][:limit]
         log(f"prepare: {split}: {len(pairs[split])} pairs")
         for side, index in ((args.src, 0), (args.tgt, 1)):
-            (out / f"{split}.{side}").write_text(
-                "".join(pair[index] + "\n" for pair in pairs[split]), encoding="utf-8")
+            write_text(out / f"{split}.{side}", "".join(pair[index] + "\n"
+                                                        for pair in pairs[split]))
     log(f"prepare: SentencePiece unigram, joint {args.src}+{args.tgt}, "
         f"vocabulary {args.vocab_size}")
-    sentencepiece.SentencePieceTrainer.train(
-        input=[str(out / f"train.{args.src}"), str(out / f"train.{args.tgt}")],
-        model_prefix=str(out / "spm"), vocab_size=args.vocab_size, model_type="unigram",
-        character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1,
-        hard_vocab_limit=False, minloglevel=2,
+    train_sentencepiece(
+        out / "spm", input=[str(out / f"train.{args.src}"), str(out / f"train.{args.tgt}")],
+        vocab_size=args.vocab_size, model_type="unigram", character_coverage=1.0, bos_id=-1,
+        eos_id=-1, unk_id=0, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
     )
     spm = sentencepiece.SentencePieceProcessor(model_file=str(out / "spm.model"))
     for split in SPLITS:
-        for side in (args.src, args.tgt):
-            lines = (out / f"{split}.{side}").read_text(encoding="utf-8").splitlines()
-            (out / f"{split}.spm.{side}").write_text(
-                "".join(" ".join(spm.encode(line, out_type=str)) + "\n" for line in lines),
-                encoding="utf-8")
-    shutil.rmtree(out / "data-bin", ignore_errors=True)
+        for side, index in ((args.src, 0), (args.tgt, 1)):
+            write_text(out / f"{split}.spm.{side}", "".join(
+                " ".join(spm.encode(pair[index], out_type=str)) + "\n" for pair in pairs[split]))
+    partial = out / ".data-bin.partial"
+    shutil.rmtree(partial, ignore_errors=True)
     run([*FAIRSEQ_PREPROCESS, "--source-lang", args.src, "--target-lang", args.tgt,
          "--trainpref", out / "train.spm", "--validpref", out / "valid.spm",
-         "--testpref", out / "test.spm", "--destdir", out / "data-bin", "--joined-dictionary",
+         "--testpref", out / "test.spm", "--destdir", partial, "--joined-dictionary",
          "--workers", "2"], "prepare: fairseq-preprocess")
-    (out / "recipe.json").write_text(json.dumps({"src": args.src, "tgt": args.tgt}) + "\n")
+    shutil.rmtree(out / "data-bin", ignore_errors=True)
+    os.replace(partial, out / "data-bin")
+    write_text(out / "recipe.json", json.dumps({"src": args.src, "tgt": args.tgt}) + "\n")
     log(f"prepare: done -> {out}")
 
 
@@ -114,7 +126,7 @@ def train(args) -> None:
         raise SystemExit(f"[t2t] train: {data / 'data-bin'} not found; run prepare first")
     save = run_dir(data, args.attn_type, args.waitk)
     save.mkdir(parents=True, exist_ok=True)
-    run([*FAIRSEQ_TRAIN, data / "data-bin", "--user-dir", PLUGIN,
+    RECIPE.train([*FAIRSEQ_TRAIN, data / "data-bin", "--user-dir", PLUGIN,
          "--task", "translation", "--arch", args.arch, "--waitk-lagging", args.waitk,
          "--encoder-attn-type", args.attn_type, "--decoder-attn-type", args.attn_type,
          "--cross-attn-type", args.attn_type, "--share-all-embeddings",
@@ -125,39 +137,33 @@ def train(args) -> None:
          "--save-dir", save, "--no-epoch-checkpoints", "--save-interval-updates",
          args.max_update, "--keep-interval-updates", "1", "--seed", args.seed,
          "--log-format", "simple", "--log-interval", "20", "--num-workers", "0",
+         "--skip-invalid-size-inputs-valid-test",
          *(["--cpu"] if args.cpu else ["--fp16"] if args.fp16 else []), *args.fairseq_args],
-        f"train {args.attn_type} wait-{args.waitk}")
+        f"train {args.attn_type} wait-{args.waitk}", save / "train.log")
     log(f"train: checkpoints in {save}")
 
 
 # --------------------------------------------------------------------------- evaluate
 def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, sentences: int,
               extra: Sequence[str] = (), quiet: bool = False) -> Dict[str, float]:
-    """SimulEval CLI with the agent on the test set (or its first ``sentences``) into ``output``;
-    ``quiet`` sends its output to ``output/simuleval.log`` instead of the terminal."""
+    """SimulEval CLI with the agent on the test set (or its first ``sentences``) into ``output``,
+    then SimulEval's scoring; ``quiet`` sends its output to ``output/simuleval.log`` instead of
+    the terminal."""
     recipe = json.loads((data / "recipe.json").read_text())
     source, target = data / f"test.{recipe['src']}", data / f"test.{recipe['tgt']}"
     output.mkdir(parents=True, exist_ok=True)
     if sentences:
         for path, name in ((source, "source.txt"), (target, "target.txt")):
-            lines = path.read_text(encoding="utf-8").splitlines()[:sentences]
-            (output / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            lines = read_lines(path, "t2t")[:sentences]
+            write_text(output / name, "".join(line + "\n" for line in lines))
         source, target = output / "source.txt", output / "target.txt"
-    run([*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
+    return RECIPE.simuleval(
+        [*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
          "--checkpoint", checkpoint, "--data-bin", data / "data-bin", "--spm",
-         data / "spm.model", "--waitk", waitk, "--output", output,
-         "--quality-metrics", "BLEU", "--latency-metrics", *LATENCY_METRICS,
-         "--eval-latency-unit", "word", *extra],
-        f"simuleval wait-{waitk} {checkpoint.parent.name}",
-        log_file=output / "simuleval.log" if quiet else None)
-    return read_scores(output / "scores.tsv")
-
-
-def read_scores(path: Path) -> Dict[str, float]:
-    if not path.is_file():
-        raise SystemExit(f"[t2t] evaluate: SimulEval wrote no {path}")
-    header, values = path.read_text().splitlines()[:2]
-    return {name: float(value) for name, value in zip(header.split("\t"), values.split("\t"))}
+         data / "spm.model", "--waitk", waitk, "--output", output, *extra],
+        ["--source-type", "text", "--target-type", "text", "--quality-metrics", "BLEU",
+         "--latency-metrics", *LATENCY_METRICS, "--eval-latency-unit", "word"],
+        output, f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet)
 
 
 def evaluate(args) -> None:

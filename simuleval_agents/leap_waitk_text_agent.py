@@ -8,28 +8,28 @@ Incoming source words are cut into SentencePiece pieces (the units the model was
 and pushed into the stream; target pieces are predicted greedily as wait-k allows and written
 as whole detokenised words. The agent only talks to the model's streaming API
 (``model.start_stream()``: push_source / finish_source / predict). SimulEval's own
-``--device`` option picks the device.
+``--device`` option picks the device. Unusable inputs (checkpoint, dictionaries, SentencePiece
+model) end the run with one line naming the file.
 """
 from argparse import ArgumentParser, Namespace
 
-import sentencepiece
 import torch
 from simuleval.agents import TextToTextAgent
 from simuleval.agents.actions import ReadAction, WriteAction
 from simuleval.utils import entrypoint
 
 from leapformer_fairseq.models.streaming import load_streaming_model
-from leapformer_fairseq.pieces import WordAssembler, predict_words
+from leapformer_fairseq.pieces import WordAssembler, load_sentencepiece, predict_words
 
 
 @entrypoint
 class LeaPWaitkTextAgent(TextToTextAgent):
     def __init__(self, args: Namespace):
         torch.set_num_threads(args.threads)
+        self.spm = load_sentencepiece(args.spm, "--spm")
         self.model, task = load_streaming_model(args.checkpoint, args.data_bin, args.device)
         self.source_dictionary = task.source_dictionary
         self.target_dictionary = task.target_dictionary
-        self.spm = sentencepiece.SentencePieceProcessor(model_file=args.spm)
         self.stream_options = dict(waitk=args.waitk, max_len_a=args.max_len_a,
                                    max_len_b=args.max_len_b, recompute=args.recompute)
         super().__init__(args)  # calls reset()

@@ -1,9 +1,16 @@
 """Command-line options of LeaP attention and their resolution into per-block settings."""
 import argparse
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 from leapformer_fairseq.modules import ATTN_TYPES, LeaPMultiheadAttention
+
+# option -> (flag, default): unset keeps the default; an explicit value must be positive
+POSITIVE_OPTIONS = {
+    "leap_factor": ("--leap-factor", 4),
+    "leap_eps": ("--leap-eps", 0.1),
+    "cosformer_max_positions": ("--cosformer-max-positions", 1024),
+}
 
 # block name -> (option for its attention type, the reference implementation's flag)
 ATTENTION_BLOCKS = {
@@ -35,6 +42,25 @@ class AttentionConfig:
         )
 
 
+def check_positive(flag: str, value: Union[int, float]) -> Union[int, float]:
+    """``value`` if it is > 0; otherwise a ``ValueError`` naming ``flag``."""
+    if not value > 0:
+        raise ValueError(f"{flag} must be > 0, got {value}")
+    return value
+
+
+def positive(kind: type, flag: str) -> Callable[[str], Union[int, float]]:
+    """An argparse ``type`` that refuses values <= 0 with a message naming ``flag``."""
+
+    def parse(text: str) -> Union[int, float]:
+        try:
+            return check_positive(flag, kind(text))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LeaP attention")
     for block, (option, _) in ATTENTION_BLOCKS.items():
@@ -42,12 +68,13 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
             "--" + option.replace("_", "-"), choices=ATTN_TYPES, default=None,
             help=f"attention of the {block} blocks (default: leap)",
         )
-    group.add_argument("--leap-factor", type=int, metavar="R",
+    group.add_argument("--leap-factor", type=positive(int, "--leap-factor"), metavar="R",
                        help="LeaP MLP hidden size is head_dim // R (default 4)")
-    group.add_argument("--leap-eps", type=float, metavar="EPS",
+    group.add_argument("--leap-eps", type=positive(float, "--leap-eps"), metavar="EPS",
                        help="denominator clamp max(sum_j s_ij, EPS) of the linear types "
                             "(default 0.1)")
-    group.add_argument("--cosformer-max-positions", type=int, metavar="M",
+    group.add_argument("--cosformer-max-positions",
+                       type=positive(int, "--cosformer-max-positions"), metavar="M",
                        help="the fixed M of cosFormer's p_i = i / M (default 1024)")
     for block, (_, flag) in ATTENTION_BLOCKS.items():
         group.add_argument(
@@ -62,7 +89,8 @@ def resolve_attention_types(args: argparse.Namespace) -> None:
 
     Without the reference flags every unset type is ``leap``. With any of them, flagged blocks
     are ``leap`` and the others ``softmax``; an explicit ``--*-attn-type`` that disagrees is
-    an error.
+    an error. Unset ``--leap-factor``, ``--leap-eps`` and ``--cosformer-max-positions`` take
+    their defaults; an explicit value <= 0 is an error naming the flag.
     """
     flagged = {block: bool(getattr(args, flag, False))
                for block, (_, flag) in ATTENTION_BLOCKS.items()}
@@ -79,9 +107,9 @@ def resolve_attention_types(args: argparse.Namespace) -> None:
                 "use one style or the other"
             )
         setattr(args, option, implied)
-    args.leap_factor = getattr(args, "leap_factor", None) or 4
-    args.leap_eps = getattr(args, "leap_eps", None) or 0.1
-    args.cosformer_max_positions = getattr(args, "cosformer_max_positions", None) or 1024
+    for option, (flag, default) in POSITIVE_OPTIONS.items():
+        value = getattr(args, option, None)
+        setattr(args, option, default if value is None else check_positive(flag, value))
 
 
 def attention_config(

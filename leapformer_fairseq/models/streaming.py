@@ -10,12 +10,21 @@ far: the schedule of training. A READ never touches the decoder's state.
 ``recompute=True`` instead re-runs encoder and decoder over the whole prefix at every prediction
 (the reference implementation's way), for comparison.
 """
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import yaml
 from torch import Tensor
 
-from leapformer_fairseq.audio import GlobalCMVN, IncrementalFbank, fbank, num_frames
+from leapformer_fairseq.audio import (GlobalCMVN, IncrementalFbank, check_finite, fbank,
+                                      num_frames)
+
+
+class RefusedInput(SystemExit, ValueError):
+    """An input the streaming side cannot use. A ``ValueError`` to callers that catch it; left
+    uncaught (in an agent under the ``simuleval`` CLI) it ends the process with its one-line
+    message instead of a traceback."""
 
 
 def greedy_token(logits: Tensor, dictionary, allow_eos: bool = True) -> int:
@@ -246,6 +255,10 @@ class SpeechWaitkStream(_WaitkDecoding):
         """Append ``(n,)`` int16-scale samples at 16 kHz (see ``audio.to_int16_scale``)."""
         if self.source_finished:
             raise RuntimeError("push_audio after finish_source")
+        try:
+            check_finite(samples, "push_audio")
+        except ValueError as error:
+            raise RefusedInput(str(error)) from None
         self.samples_pushed += samples.numel()
         if self.recompute:
             self.samples.append(samples.reshape(-1).float())
@@ -336,12 +349,50 @@ def speech_waitk_greedy_decode(
                                           eos_before_end)
 
 
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise RefusedInput(f"{what} not found: {path}")
+    return path
+
+
+def _check_data_files(task_cfg) -> None:
+    """Refuse, naming the file, a data directory without what the checkpoint's task reads:
+    the dictionaries (translation) or the data config and the files it names (speech)."""
+    if task_cfg._name == "translation":
+        for lang in (task_cfg.source_lang, task_cfg.target_lang):
+            _require_file(Path(task_cfg.data) / f"dict.{lang}.txt",
+                          "dictionary")
+        return
+    if task_cfg._name != "speech_to_text":
+        return
+    config_path = _require_file(Path(task_cfg.data) / task_cfg.config_yaml, "data config YAML")
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RefusedInput(f"{config_path}: not a readable YAML data config ({error})".replace(
+            "\n", " ")) from None
+    # (what, the key, whether it is required): agents need the SentencePiece model too
+    for what, key, required in (("vocabulary", "vocab_filename", True),
+                                ("SentencePiece model", "bpe_tokenizer.sentencepiece_model", True),
+                                ("global CMVN statistics", "global_cmvn.stats_npz_path", False)):
+        section, _, name = key.rpartition(".")
+        value = (config.get(section) or {}).get(name) if section else config.get(name)
+        if value is None:
+            if required:
+                raise RefusedInput(f"{config_path}: no {key} ({what})")
+            continue
+        path = Path(value) if Path(value).is_absolute() else config_path.parent / value
+        _require_file(path, f"{what} ({key} of {config_path})")
+
+
 def load_streaming_model(checkpoint: str, data_bin: Optional[str] = None, device: str = "cpu",
                          overrides: Optional[Dict] = None):
     """Load a trained simultaneous checkpoint for streaming: ``(model in eval mode, task)``.
 
     ``data_bin`` overrides the checkpoint's data directory (it only needs the dictionaries,
     or for speech the data config); ``overrides`` adds more fairseq argument overrides.
+    A missing, unreadable or offline checkpoint and a data directory without the files the
+    task reads raise :class:`RefusedInput` naming the file.
     """
     from fairseq import checkpoint_utils
 
@@ -350,11 +401,19 @@ def load_streaming_model(checkpoint: str, data_bin: Optional[str] = None, device
     arg_overrides = {"load_pretrained_encoder_from": None, **(overrides or {})}
     if data_bin is not None:
         arg_overrides["data"] = data_bin
+    _require_file(Path(checkpoint), "checkpoint")
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint, arg_overrides)
+        task_cfg = state["cfg"].task
+    except Exception as error:  # torch, pickle and fairseq each fail their own way
+        raise RefusedInput(f"{checkpoint}: not a readable fairseq checkpoint "
+                           f"({type(error).__name__}: {error})".replace("\n", " ")) from None
+    _check_data_files(task_cfg)
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides=arg_overrides)
+        [checkpoint], arg_overrides=arg_overrides, state=state)
     model = models[0]
     if not hasattr(model, "start_stream"):
-        raise ValueError(f"{checkpoint} holds a {type(model).__name__}, not a simultaneous "
-                         "model (train with --arch leapformer_waitk_transformer* or "
-                         "leapformer_s2t_waitk*)")
+        raise RefusedInput(f"{checkpoint} holds a {type(model).__name__}, not a simultaneous "
+                           "model (train with --arch leapformer_waitk_transformer* or "
+                           "leapformer_s2t_waitk*)")
     return model.to(device).eval(), task
