@@ -14,7 +14,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 def make_module(attn_type, **kwargs):
     torch.manual_seed(1)
     module = LeaPMultiheadAttention(EMBED, HEADS, attn_type=attn_type,
-                                    cosformer_max_positions=64, **kwargs)
+                                    cosformer_max_positions=128, **kwargs)
     return module.eval()
 
 
@@ -306,3 +306,22 @@ def test_errors_name_the_problem():
         module(x, x, x, incremental_state={}, key_limit=torch.tensor([1, 2, 3, 4]))
     with pytest.raises(ValueError, match="causal"):
         LeaPMultiheadAttention(EMBED, HEADS, encoder_decoder_attention=True, causal=True)
+
+
+def test_cosformer_positions_past_max_are_an_error():
+    """cosFormer has positions ``0 .. M - 1`` (``p = i / M`` in ``[0, 1)``): offline and
+    incremental calls past them raise an error naming the option, never a wrong value."""
+    module = LeaPMultiheadAttention(EMBED, HEADS, attn_type="cosformer", self_attention=True,
+                                    causal=True, cosformer_max_positions=8).eval()
+    module(torch.randn(8, 1, EMBED), None, None)  # positions 0 .. 7: fine
+    message = "cosFormer position 8 is past --cosformer-max-positions 8"
+    with pytest.raises(ValueError, match=message):
+        module(torch.randn(9, 1, EMBED), None, None)
+    state = {}
+    module(torch.randn(8, 1, EMBED), None, None, incremental_state=state)
+    with pytest.raises(ValueError, match=message):
+        module(torch.randn(1, 1, EMBED), None, None, incremental_state=state)
+    cross = LeaPMultiheadAttention(EMBED, HEADS, attn_type="cosformer",
+                                   encoder_decoder_attention=True, cosformer_max_positions=8)
+    with pytest.raises(ValueError, match=message):
+        cross.eval()(torch.randn(2, 1, EMBED), torch.randn(9, 1, EMBED), torch.randn(9, 1, EMBED))

@@ -16,8 +16,9 @@ import leapformer_fairseq  # noqa: F401  (registers the models)
 from leapformer_fairseq.audio import GlobalCMVN, fbank, to_int16_scale, to_mono_16k
 from leapformer_fairseq.models import LeaPformerS2TTransformerModel, LeaPformerS2TWaitkModel
 from leapformer_fairseq.models.streaming import speech_waitk_greedy_decode
-from leapformer_fairseq.modules import ATTN_TYPES
+from leapformer_fairseq.modules import ATTN_TYPES, LINEAR_ATTN_TYPES
 from leapformer_fairseq.modules.causal_conv_subsampler import CausalConv1dSubsampler
+from test_streaming import state_footprint
 
 SENTENCES = [
     "Emit information about resource usage in sorting.",
@@ -202,18 +203,35 @@ def test_read_does_not_touch_decoder_state(utterances, cmvn):
             assert torch.equal(tensor, after[key][name]), (key, name)
 
 
-def test_state_does_not_grow_with_the_stream(utterances, cmvn):
-    """leap: the decoder's incremental state has the same size after 2 and after 8 tokens."""
-    model, _ = build_s2t_model("leap")
-    stream = model.start_stream(cmvn=cmvn)
-    stream.push_audio(torch.cat(utterances))
-    stream.finish_source()
-    sizes = []
-    for _ in range(8):
-        stream.predict()
-        sizes.append(sum(t.numel() for buffers in stream.decoder_state.values()
-                         for t in buffers.values() if t is not None))
-    assert len(set(sizes[1:])) == 1
+def speech_stream_footprints(model, steps: int, at) -> dict:
+    """Push 40 ms of noise per step (one encoder frame each) and predict whatever wait-k allows
+    (no EOS before the end of the source, which never comes); the state footprint after the
+    steps ``at``."""
+    generator = torch.Generator().manual_seed(0)
+    stream = model.start_stream()
+    footprints = {}
+    for step in range(1, steps + 1):
+        stream.push_audio(torch.randn(640, generator=generator) * 3000)
+        while stream.ready_to_write():
+            stream.predict()
+        if step in at:
+            footprints[step] = state_footprint(stream)
+    chunk = model.encoder.self_attention_config.causal_chunk
+    assert stream.encoded == steps // chunk * chunk  # chunk-causal: whole chunks so far
+    assert len(stream.target) == steps // 3 - 1  # wait-2 on units of 3 frames
+    return footprints
+
+
+@pytest.mark.parametrize("attn_type,chunk_causal",
+                         [(attn_type, False) for attn_type in LINEAR_ATTN_TYPES] + [("leap", True)])
+def test_every_stream_state_entry_is_bounded_over_1000_steps(attn_type, chunk_causal):
+    """1,000 pushes of 40 ms (40 s of audio): subsampler, encoder (chunk-causal: with its
+    incomplete chunk) and decoder states hold exactly as many entries and bytes after push 100
+    as after push 1,000. Softmax is left out: its key/value caches grow by design, as the text
+    stream's contrast test shows."""
+    model, _ = build_s2t_model(attn_type, chunk_causal=chunk_causal)
+    footprints = speech_stream_footprints(model, 1000, at=(100, 1000))
+    assert footprints[100] == footprints[1000]
 
 
 # ----------------------------------------------------------------------- wait-k in training
@@ -262,8 +280,12 @@ def test_offline_model_and_options():
     assert out["encoder_out"][0].shape == (13, 2, 64)
     with pytest.raises(ValueError, match="--waitk-lagging"):
         build_s2t_model("leap", waitk=0)
-    with pytest.raises(ValueError, match="--fixed-pre-decision-ratio"):
-        build_s2t_model("leap", ratio=-1)
+    for ratio in (0, -1):
+        with pytest.raises(ValueError, match=f"--fixed-pre-decision-ratio must be >= 1, got "
+                                             f"{ratio}"):
+            build_s2t_model("leap", ratio=ratio)
+    unset, _ = build_s2t_model("leap", ratio=None)
+    assert unset.decoder.cross_attention_config.waitk_stride == 9
 
 
 def test_missing_pretrained_encoder_is_an_error(tmp_path):

@@ -2,30 +2,37 @@
 import argparse
 import random
 from types import SimpleNamespace
+from typing import Dict, Sequence, Tuple
 
 import pytest
 import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
+from fairseq.modules import SinusoidalPositionalEmbedding
 
 import leapformer_fairseq  # noqa: F401  (registers the models)
 from leapformer_fairseq.models import LeaPformerWaitkTransformerModel
+from leapformer_fairseq.models.leapformer_transformer import sinusoidal_rows
 from leapformer_fairseq.models.streaming import waitk_greedy_decode
-from leapformer_fairseq.modules import ATTN_TYPES
+from leapformer_fairseq.modules import ATTN_TYPES, LINEAR_ATTN_TYPES
 
 VOCAB = 24
+PAD = Dictionary().pad()
 
 
-def build_waitk_model(attn_type, waitk=3, seed=0):
+def build_waitk_model(attn_type, waitk=3, seed=0, **options):
+    """A tiny wait-k model with seeded random weights, float64, eval mode; ``options`` are more
+    fairseq args."""
     torch.manual_seed(seed)
     dictionary = Dictionary()
     for i in range(VOCAB):
         dictionary.add_symbol(f"w{i}")
-    args = argparse.Namespace(
-        arch="leapformer_waitk_transformer_tiny", waitk_lagging=waitk,
-        encoder_attn_type=attn_type, decoder_attn_type=attn_type, cross_attn_type=attn_type,
-        dropout=0.0, max_source_positions=1024, max_target_positions=1024,
-    )
+    args = argparse.Namespace(**{
+        "arch": "leapformer_waitk_transformer_tiny", "waitk_lagging": waitk,
+        "encoder_attn_type": attn_type, "decoder_attn_type": attn_type,
+        "cross_attn_type": attn_type, "dropout": 0.0, "max_source_positions": 1024,
+        "max_target_positions": 1024, **options,
+    })
     ARCH_CONFIG_REGISTRY[args.arch](args)
     task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
     model = LeaPformerWaitkTransformerModel.build_model(args, task)
@@ -89,15 +96,111 @@ def test_streaming_work_per_step_does_not_grow_for_leap():
     early = model.start_stream()
     early.push_source(source[:3])
     early.predict()
-    assert state_shapes(early) == state_shapes(streamed)
+    assert state_footprint(early) == state_footprint(streamed)
 
 
-def state_shapes(stream):
-    """Shapes of every tensor in the layers' incremental states."""
-    return {(key, name): tuple(tensor.shape)
-            for state in (stream.encoder_state, stream.decoder_state)
-            for key, buffer in state.items() if isinstance(buffer, dict)
-            for name, tensor in buffer.items() if tensor is not None}
+def state_footprint(stream) -> Tuple[int, int]:
+    """``(bytes, entries)`` of everything in the stream's ``encoder_state`` and
+    ``decoder_state``, walked recursively with no key left out: every dict, list, tuple, tensor,
+    number and ``None`` is an entry; tensors count their bytes, numbers 8. Any other type fails,
+    so nothing can hide from the count."""
+
+    def walk(entry) -> Tuple[int, int]:
+        if isinstance(entry, dict):
+            entry = list(entry.values())
+        if isinstance(entry, (list, tuple)):
+            sizes = [walk(item) for item in entry]
+            return sum(size for size, _ in sizes), 1 + sum(count for _, count in sizes)
+        if isinstance(entry, torch.Tensor):
+            return entry.numel() * entry.element_size(), 1
+        if isinstance(entry, (int, float)):
+            return 8, 1
+        if entry is None:
+            return 0, 1
+        raise TypeError(f"unexpected {type(entry).__name__} in a stream state")
+
+    return walk([stream.encoder_state, stream.decoder_state])
+
+
+def text_stream_footprints(model, steps: int, at: Sequence[int]) -> Dict[int, Tuple[int, int]]:
+    """Push one random source token per step and predict whatever wait-k allows (EOS only at
+    the end of the source, which never comes); the state footprint after the steps ``at``."""
+    rng = random.Random(0)
+    stream = model.start_stream(eos_before_end=False)
+    footprints = {}
+    for step in range(1, steps + 1):
+        stream.push_source([rng.randrange(4, VOCAB + 4)])
+        while stream.ready_to_write():
+            stream.predict()
+        if step in at:
+            footprints[step] = state_footprint(stream)
+    assert len(stream.target) == steps - 2  # wait-3: one target token per source token
+    return footprints
+
+
+@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
+def test_every_stream_state_entry_is_bounded_over_1000_steps(attn_type):
+    """1,000 READ + WRITE steps (positions stay below the tiny model's 1,024): the encoder and
+    decoder states hold exactly as many entries and bytes after step 100 as after step 1,000."""
+    model, _ = build_waitk_model(attn_type)
+    footprints = text_stream_footprints(model, 1000, at=(100, 1000))
+    assert footprints[100] == footprints[1000]
+
+
+def test_softmax_stream_state_grows_linearly():
+    """The contrast: softmax keeps key/value caches, which grow by the same bytes every step
+    (in the same entries)."""
+    model, _ = build_waitk_model("softmax")
+    footprints = text_stream_footprints(model, 1000, at=(100, 550, 1000))
+    (early, entries), (middle, _), (late, _) = (footprints[step] for step in (100, 550, 1000))
+    assert late - middle == middle - early > 0
+    assert {count for _, count in footprints.values()} == {entries}
+
+
+def test_sinusoidal_stream_positions_equal_fairseq_table_bit_for_bit():
+    for dim in (32, 33):  # odd dimensions are zero-padded
+        positions = torch.tensor([0, 1, 2, 63, 1023, 1024, 2999])
+        table = SinusoidalPositionalEmbedding.get_embedding(3000 + PAD + 1, dim, PAD)
+        assert torch.equal(sinusoidal_rows(positions, dim, PAD), table[positions + PAD + 1])
+
+
+def test_stream_past_the_position_table_does_not_grow_it():
+    """A stream past the sinusoidal table's positions computes its rows, equal to the offline
+    encoder's, and leaves fairseq's table as it was."""
+    model, _ = build_waitk_model("leap", max_source_positions=16)
+    encoder = model.encoder
+    table = encoder.embed_positions.weights
+    tokens = torch.randint(4, VOCAB + 4, (1, 40))
+    state = {}
+    streamed = torch.cat([encoder.forward_new_tokens(tokens[:, start:start + 8], start, state)
+                          for start in range(0, 40, 8)])
+    assert encoder.embed_positions.weights is table and table.size(0) == 16 + PAD + 1
+    offline = encoder(tokens, src_lengths=torch.tensor([40]))["encoder_out"][0]
+    torch.testing.assert_close(streamed, offline, rtol=0, atol=1e-10)
+
+
+def test_learned_positions_stream_until_max_source_positions():
+    model, _ = build_waitk_model("leap", encoder_learned_pos=True, max_source_positions=8)
+    tokens = torch.randint(4, VOCAB + 4, (1, 8))
+    state = {}
+    streamed = torch.cat([model.encoder.forward_new_tokens(tokens[:, :5], 0, state),
+                          model.encoder.forward_new_tokens(tokens[:, 5:], 5, state)])
+    offline = model.encoder(tokens, src_lengths=torch.tensor([8]))["encoder_out"][0]
+    torch.testing.assert_close(streamed, offline, rtol=0, atol=1e-10)
+    stream = model.start_stream()
+    stream.push_source(tokens[0, :6].tolist())
+    with pytest.raises(ValueError, match=r"source position 9 is past --max-source-positions 8 "
+                                         r"\(learned positional embeddings\)"):
+        stream.push_source([5, 6, 7, 8])
+
+
+def test_cosformer_stream_past_max_positions_is_an_error():
+    model, _ = build_waitk_model("cosformer", cosformer_max_positions=8)
+    stream = model.start_stream()
+    stream.push_source([5] * 8)
+    with pytest.raises(ValueError, match="cosFormer position 8 is past "
+                                         "--cosformer-max-positions 8"):
+        stream.push_source([5])
 
 
 def test_read_does_not_touch_the_decoder_state():

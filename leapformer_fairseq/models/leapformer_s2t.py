@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 from fairseq import checkpoint_utils
 from fairseq.data.data_utils import lengths_to_padding_mask
+from fairseq.incremental_decoding_utils import with_incremental_state
 from fairseq.models import (
     FairseqEncoder,
     FairseqEncoderDecoderModel,
@@ -50,6 +51,7 @@ from .streaming import SpeechWaitkStream
 logger = logging.getLogger(__name__)
 
 
+@with_incremental_state
 class LeaPS2TEncoder(FairseqEncoder):
     """Subsampler, scaled input + sinusoidal positions, LeaP encoder layers, final layer norm.
 
@@ -102,7 +104,9 @@ class LeaPS2TEncoder(FairseqEncoder):
         layer advance their state in ``incremental_state`` by the new frames only.
 
         Returns the new encoder states ``(n', B, C)`` (``n'`` about ``n / 4``), equal to the
-        matching rows of ``forward`` on the whole stream.
+        matching rows of ``forward`` on the whole stream. The encoder's own buffer
+        (``stream``) holds the count of frames encoded, ``(1,)``, and, chunk-causal, the
+        frames of the incomplete chunk, ``(< r, B, C)``.
         """
         if not self.self_attention_config.causal:
             raise ValueError("streaming needs a causal encoder (leapformer_s2t_waitk)")
@@ -111,29 +115,38 @@ class LeaPS2TEncoder(FairseqEncoder):
         x = self.subsampler.forward_incremental(features, incremental_state)
         chunk = self.self_attention_config.causal_chunk
         if chunk > 1:  # chunk-causal: a chunk's frames are encoded once the chunk is complete
-            waiting = incremental_state.get("frames_waiting")
+            buffer = self._stream_buffer(incremental_state)
+            waiting = buffer.get("frames_waiting")
             x = x if waiting is None else torch.cat([waiting, x])
             whole = x.size(0) // chunk * chunk
-            incremental_state["frames_waiting"] = x[whole:]
+            buffer["frames_waiting"] = x[whole:]
+            self.set_incremental_state(incremental_state, "stream", buffer)
             x = x[:whole]
         return self._encode_frames(x, incremental_state)
 
     def finish_stream(self, incremental_state: Dict) -> Optional[Tensor]:
         """End of a stream: encode the frames of a last, incomplete chunk (chunk-causal
         encoders); ``(n, B, C)``, or ``None`` when no frame is waiting."""
-        waiting = incremental_state.pop("frames_waiting", None)
+        buffer = self._stream_buffer(incremental_state)
+        waiting = buffer.pop("frames_waiting", None)
+        self.set_incremental_state(incremental_state, "stream", buffer)
         if waiting is None or waiting.size(0) == 0:
             return None
         return self._encode_frames(waiting, incremental_state)
 
+    def _stream_buffer(self, incremental_state: Dict) -> Dict[str, Optional[Tensor]]:
+        return self.get_incremental_state(incremental_state, "stream") or {}
+
     def _encode_frames(self, x: Tensor, incremental_state: Dict) -> Tensor:
         """Subsampled frames ``(n, B, C)`` of a stream -> encoder states ``(n, B, C)``."""
-        start = incremental_state.get("encoder_frames", 0)
-        incremental_state["encoder_frames"] = start + x.size(0)
+        buffer = self._stream_buffer(incremental_state)
+        encoded = buffer.get("frames_encoded", torch.zeros(1, dtype=torch.long))
+        start = int(encoded)
+        buffer["frames_encoded"] = encoded + x.size(0)
+        self.set_incremental_state(incremental_state, "stream", buffer)
         if x.size(0) == 0:
             return x
-        positions = stream_position_rows(self.embed_positions, self.padding_idx, x.transpose(0, 1),
-                                         start, x.size(0), incremental_state)
+        positions = stream_position_rows(self.embed_positions, start, x.size(0), x.size(1))
         x = self.dropout_module(self.embed_scale * x + positions.transpose(0, 1))
         for layer in self.layers:
             x = layer.forward_incremental(x, incremental_state)
@@ -240,7 +253,9 @@ class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
 
     @staticmethod
     def pre_decision_ratio(args) -> int:
-        ratio = getattr(args, "fixed_pre_decision_ratio", None) or 9
+        ratio = getattr(args, "fixed_pre_decision_ratio", None)
+        if ratio is None:
+            ratio = 9
         if ratio < 1:
             raise ValueError(f"--fixed-pre-decision-ratio must be >= 1, got {ratio}")
         args.fixed_pre_decision_ratio = ratio

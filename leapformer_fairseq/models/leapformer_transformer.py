@@ -5,6 +5,7 @@
 target token i attends source tokens ``0 .. i + k - 1`` in training exactly as in streaming.
 """
 import argparse
+import math
 from contextvars import ContextVar
 from typing import Dict, Optional
 
@@ -17,6 +18,7 @@ from fairseq.models.transformer import (
     TransformerModel,
 )
 from fairseq.models.transformer.transformer_legacy import base_architecture
+from fairseq.modules import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
@@ -46,23 +48,47 @@ def _wrap_layer(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
     return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
 
 
-def stream_position_rows(
-    embed_positions: nn.Module, padding_idx: int, like: Tensor, start: int, count: int,
-    incremental_state: Dict,
-) -> Tensor:
-    """Positional embeddings of stream positions ``start .. start + count``, ``(B, count, C)``
-    (``B = like.size(0)``), read from a table kept in ``incremental_state`` and grown by
-    doubling (O(1) amortised per position). Equal to the rows fairseq's ``embed_positions``
-    gives a left-aligned sequence without padding."""
-    needed = start + count
-    table = incremental_state.get("encoder_position_table")
-    if table is None or table.size(1) < needed:
-        length = max(needed, 64 if table is None else 2 * table.size(1))
-        real_tokens = torch.full((1, length), padding_idx + 1, dtype=torch.long,
-                                 device=like.device)
-        table = embed_positions(real_tokens)
-        incremental_state["encoder_position_table"] = table
-    return table[:, start:needed].expand(like.size(0), -1, -1)
+def sinusoidal_rows(positions: Tensor, embedding_dim: int, padding_idx: int) -> Tensor:
+    """fairseq's sinusoidal embeddings of token positions ``(n,)`` (0 for the first token),
+    ``(n, embedding_dim)`` float32 on the CPU, without the rows before them.
+
+    Position ``t`` is row ``padding_idx + 1 + t`` of ``SinusoidalPositionalEmbedding``'s table;
+    the arithmetic is ``get_embedding``'s, step for step, so the rows equal it bit for bit.
+    """
+    half_dim = embedding_dim // 2
+    frequencies = torch.exp(
+        torch.arange(half_dim, dtype=torch.float) * -(math.log(10000) / (half_dim - 1)))
+    rows = (positions.cpu() + padding_idx + 1).to(torch.float)
+    angles = rows.unsqueeze(1) * frequencies.unsqueeze(0)
+    embeddings = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if embedding_dim % 2 == 1:
+        embeddings = torch.cat([embeddings, torch.zeros(embeddings.size(0), 1)], dim=1)
+    return embeddings
+
+
+def stream_position_rows(embed_positions: nn.Module, start: int, count: int,
+                         batch_size: int) -> Tensor:
+    """Positional embeddings of stream positions ``start .. start + count - 1``,
+    ``(batch_size, count, C)``: the rows fairseq's ``embed_positions`` gives a sequence without
+    padding. O(count) work and nothing kept, however long the stream (fairseq's sinusoidal
+    module is not called: it would grow its own table to the stream's length).
+
+    Raises ``ValueError`` for a position a learned embedding has no row for.
+    """
+    positions = torch.arange(start, start + count)
+    if isinstance(embed_positions, LearnedPositionalEmbedding):
+        if start + count > embed_positions.max_positions:
+            raise ValueError(
+                f"source position {start + count - 1} is past --max-source-positions "
+                f"{embed_positions.max_positions} (learned positional embeddings)")
+        rows = positions + embed_positions.padding_idx + 1
+        embeddings = embed_positions.weight[rows.to(embed_positions.weight.device)]
+    elif isinstance(embed_positions, SinusoidalPositionalEmbedding):
+        embeddings = sinusoidal_rows(positions, embed_positions.embedding_dim,
+                                     embed_positions.padding_idx).to(embed_positions.weights)
+    else:
+        raise TypeError(f"no stream positions for {type(embed_positions).__name__}")
+    return embeddings.unsqueeze(0).expand(batch_size, -1, -1)
 
 
 class LeaPEncoderLayer(TransformerEncoderLayerBase):
@@ -145,7 +171,8 @@ class LeaPTransformerEncoder(TransformerEncoderBase):
             raise ValueError("streaming needs a causal encoder (leapformer_waitk_transformer)")
         x = self.embed_scale * self.embed_tokens(tokens)
         if self.embed_positions is not None:
-            x = x + self._position_rows(tokens, start, incremental_state)
+            x = x + stream_position_rows(self.embed_positions, start, tokens.size(1),
+                                         tokens.size(0))
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = self.dropout_module(x).transpose(0, 1)
@@ -154,10 +181,6 @@ class LeaPTransformerEncoder(TransformerEncoderBase):
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return x
-
-    def _position_rows(self, tokens: Tensor, start: int, incremental_state: Dict) -> Tensor:
-        return stream_position_rows(self.embed_positions, self.padding_idx, tokens, start,
-                                    tokens.size(1), incremental_state)
 
 
 class LeaPTransformerDecoder(TransformerDecoderBase):

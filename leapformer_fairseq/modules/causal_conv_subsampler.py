@@ -1,10 +1,12 @@
 """``CausalConv1dSubsampler``: fairseq's convolutional subsampler, made causal and streamable."""
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
 
+@with_incremental_state
 class CausalConv1dSubsampler(nn.Module):
     """A stack of stride-2 ``Conv1d`` + GLU over time whose outputs never look ahead.
 
@@ -14,8 +16,8 @@ class CausalConv1dSubsampler(nn.Module):
     fairseq's ``Conv1dSubsampler`` (``conv_layers.{i}.weight``).
 
     ``forward_incremental`` keeps, per layer, only the input frames a later output still needs
-    (fewer than ``kernel``), so pushing frames in any pieces gives the rows of ``forward`` on the
-    whole sequence.
+    (fewer than ``kernel``, in fairseq's ``incremental_state``), so pushing frames in any pieces
+    gives the rows of ``forward`` on the whole sequence.
 
     Args:
         in_channels: feature dimension (80 for fbank).
@@ -53,19 +55,26 @@ class CausalConv1dSubsampler(nn.Module):
             x = nn.functional.glu(conv(nn.functional.pad(x, (kernel - 1, 0))), dim=1)
         return x.permute(2, 0, 1).contiguous(), self.output_lengths(lengths)
 
-    def forward_incremental(self, features: Tensor, state: Dict[str, List[Tensor]]) -> Tensor:
-        """New frames ``(B, n, F)`` -> the new outputs ``(n', B, C)``; ``state`` (a dict, empty
-        at the start of a stream) carries each layer's pending input frames."""
-        buffers = state.setdefault("subsampler_buffers", [None] * len(self.conv_layers))
+    def forward_incremental(self, features: Tensor,
+                            incremental_state: Dict[str, Dict[str, Optional[Tensor]]]) -> Tensor:
+        """New frames ``(B, n, F)`` -> the new outputs ``(n', B, C)``.
+
+        ``incremental_state`` (fairseq's, a dict empty at the start of a stream) holds this
+        module's buffer ``pending_inputs``: per layer ``i``, ``layer_{i}`` ``(B, F_i, < kernel)``
+        is the input frames a later output still needs.
+        """
+        buffer = self.get_incremental_state(incremental_state, "pending_inputs") or {}
         x = features.transpose(1, 2)
         for index, (conv, kernel) in enumerate(zip(self.conv_layers, self.kernel_sizes)):
-            pending = buffers[index]
+            name = f"layer_{index}"
+            pending = buffer.get(name)
             if pending is None:  # the left padding of the first output
                 pending = x.new_zeros(x.size(0), x.size(1), kernel - 1)
             x = torch.cat([pending, x], dim=2)
             outputs = max(0, (x.size(2) - kernel) // self.stride + 1)
-            buffers[index] = x[:, :, outputs * self.stride:]
+            buffer[name] = x[:, :, outputs * self.stride:]
             x = x[:, :, :(outputs - 1) * self.stride + kernel] if outputs else x[:, :, :0]
             x = nn.functional.glu(conv(x), dim=1) if outputs else x.new_zeros(
                 x.size(0), conv.out_channels // 2, 0)
+        self.set_incremental_state(incremental_state, "pending_inputs", buffer)
         return x.permute(2, 0, 1).contiguous()

@@ -454,12 +454,21 @@ class LeaPMultiheadAttention(MultiheadAttention):
         device: torch.device,
         start: Optional[Tensor] = None,
     ) -> Optional[Tensor]:
-        """Token positions ``(B, L)`` for cosFormer (``None`` for the other types)."""
+        """Token positions ``(B, L)`` for cosFormer (``None`` for the other types).
+
+        Raises ``ValueError`` for a position ``>= cosformer_max_positions`` (docs/math.md §1:
+        ``p = i / M`` would leave ``[0, 1)``).
+        """
         if self.attn_type != "cosformer":
             return None
         if padding_mask is None:
             padding_mask = torch.zeros(bsz, length, dtype=torch.bool, device=device)
-        return ops.positions_from_padding(padding_mask, 0 if start is None else start)
+        positions = ops.positions_from_padding(padding_mask, 0 if start is None else start)
+        if positions.numel() and int(positions.max()) >= self.cosformer_max_positions:
+            raise ValueError(
+                f"cosFormer position {int(positions.max())} is past --cosformer-max-positions "
+                f"{self.cosformer_max_positions} (p = i / M must stay in [0, 1))")
+        return positions
 
     def _features(self, x: Tensor, side: str, positions: Optional[Tensor]) -> Tensor:
         """``(B * H, L, d)`` projections -> features ``phi``: ``(B * H, L, d)`` or ``(.., 2d)``."""
