@@ -19,7 +19,7 @@ Item = TypeVar("Item")
 # fairseq.data.data_utils' warning when it drops samples longer than the model's max positions
 SKIPPED = re.compile(r"(\d+) samples have invalid sizes and will be skipped, max_positions=(.*?), "
                      r"first few sample ids")
-VALIDATION = re.compile(r'begin validation on "([^"]+)" subset')
+VALIDATION = re.compile(r'validation on "([^"]+)" subset')
 
 
 @contextmanager

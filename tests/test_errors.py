@@ -38,7 +38,7 @@ SPEECH_AGENT = ROOT / "simuleval_agents" / "leap_waitk_speech_agent.py"
 TEXT_AGENT = ROOT / "simuleval_agents" / "leap_waitk_text_agent.py"
 PREP_MUSTC = ROOT / "scripts" / "prep_mustc.py"
 TSV = ROOT / "data" / "gettext-mt" / "en-de.{split}.tsv"
-LONG_SOURCE = " ".join(["information"] * 60)  # far more pieces than --max-source-positions 40
+LONG_SOURCE = " ".join(["information"] * 100)  # more pieces than --max-source-positions 64
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +49,11 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def tsv_pairs(split: str, count: int) -> List[List[str]]:
+def tsv_pairs(split: str, count: int, max_chars: int = 40) -> List[List[str]]:
+    """The first ``count`` gettext-mt pairs of ``split`` with both sides under ``max_chars``."""
     lines = Path(str(TSV).format(split=split)).read_text(encoding="utf-8").splitlines()
-    return [line.split("\t")[1:] for line in lines[1:count + 1]]
+    pairs = [line.split("\t")[1:] for line in lines[1:]]
+    return [pair for pair in pairs if max(map(len, pair)) < max_chars][:count]
 
 
 def refusal(function, *args) -> str:
@@ -99,8 +101,8 @@ def save_random_checkpoint(path: Path, argv: Sequence) -> Path:
 # ---------------------------------------------------------------------------------- text
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory) -> Path:
-    """t2t prepare on plain files: 30 train and 5 valid pairs from gettext-mt, each split with
-    one extra pair whose source is longer than 40 pieces, and 4 test pairs."""
+    """t2t prepare on plain files: 30 train and 5 valid short pairs from gettext-mt, each split
+    with one extra pair whose source is longer than 64 pieces, and 4 test pairs."""
     root = tmp_path_factory.mktemp("t2t")
     for split, count in (("train", 30), ("valid", 5), ("test", 4)):
         pairs = tsv_pairs(split, count) + ([[LONG_SOURCE, "Information."]]
@@ -172,17 +174,18 @@ def test_tts_corpus_refuses_empty_fields_and_non_utf8(tmp_path):
 
 
 def test_training_skips_and_counts_sources_over_max_source_positions(text_data, capsys):
-    """One train and one valid source exceed --max-source-positions 40: fairseq-train (with the
+    """One train and one valid source exceed --max-source-positions 64: fairseq-train (with the
     recipe's --skip-invalid-size-inputs-valid-test) skips them and the recipe reports both."""
     t2t_recipe.train(argparse.Namespace(
         data=str(text_data), attn_type="leap", waitk=3, arch="leapformer_waitk_transformer_tiny",
         lr=1e-3, warmup=1, max_tokens=2048, max_update=1, seed=1, cpu=True, fp16=False,
-        fairseq_args=["--max-source-positions", "40", "--max-target-positions", "40"]))
+        fairseq_args=["--max-source-positions", "64", "--max-target-positions", "64",
+                      "--required-batch-size-multiple", "1"]))
     out = capsys.readouterr().out
     log = text_data / "runs" / "leap_k3" / "train.log"
     for subset in ("train", "valid"):
         assert f"train leap wait-3: skipped 1 {subset} sample(s) longer than " \
-               f"max_positions=(40, 40) (--max-source-positions, --max-target-positions); " \
+               f"max_positions=(64, 64) (--max-source-positions, --max-target-positions); " \
                f"see {log}" in out
     assert (text_data / "runs" / "leap_k3" / "checkpoint_last.pt").is_file()
 
@@ -228,8 +231,17 @@ def test_offline_checkpoint_is_refused(text_data, tmp_path):
 def test_missing_dictionary_or_sentencepiece_model_is_refused(text_data, text_checkpoint,
                                                               tmp_path):
     with pytest.raises(RefusedInput) as refused:
+        load_streaming_model(str(text_checkpoint), str(tmp_path / "nowhere"))
+    assert str(refused.value) == f"data directory not found: {tmp_path / 'nowhere'}"
+    with pytest.raises(RefusedInput) as refused:
         load_streaming_model(str(text_checkpoint), str(tmp_path))
-    assert str(refused.value) == f"dictionary not found: {tmp_path / 'dict.en.txt'}"
+    assert str(refused.value) == f"no fairseq data (train.<src>-<tgt>.<lang>.idx) in {tmp_path}"
+    for path in (text_data / "data-bin").iterdir():
+        if path.name != "dict.de.txt":
+            (tmp_path / path.name).symlink_to(path)
+    with pytest.raises(RefusedInput) as refused:
+        load_streaming_model(str(text_checkpoint), str(tmp_path))
+    assert str(refused.value) == f"dictionary not found: {tmp_path / 'dict.de.txt'}"
     with pytest.raises(RefusedInput) as refused:
         load_sentencepiece(str(tmp_path / "spm.model"), "--spm")
     assert str(refused.value) == f"--spm: SentencePiece model not found: {tmp_path / 'spm.model'}"

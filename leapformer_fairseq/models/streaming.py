@@ -359,9 +359,18 @@ def _check_data_files(task_cfg) -> None:
     """Refuse, naming the file, a data directory without what the checkpoint's task reads:
     the dictionaries (translation) or the data config and the files it names (speech)."""
     if task_cfg._name == "translation":
-        for lang in (task_cfg.source_lang, task_cfg.target_lang):
-            _require_file(Path(task_cfg.data) / f"dict.{lang}.txt",
-                          "dictionary")
+        from fairseq.data.data_utils import infer_language_pair
+
+        data = task_cfg.data.split(":")[0]  # fairseq reads the dictionaries of the first shard
+        if not Path(data).is_dir():
+            raise RefusedInput(f"data directory not found: {data}")
+        langs = (task_cfg.source_lang, task_cfg.target_lang)
+        if None in langs:  # fairseq infers the pair from the file names
+            langs = infer_language_pair(data)
+        if None in langs:
+            raise RefusedInput(f"no fairseq data (train.<src>-<tgt>.<lang>.idx) in {data}")
+        for lang in langs:
+            _require_file(Path(data) / f"dict.{lang}.txt", "dictionary")
         return
     if task_cfg._name != "speech_to_text":
         return
