@@ -281,9 +281,12 @@ def test_padding_invariance(attn_type, causal, side):
     padding = torch.zeros(2, 12, dtype=torch.bool)
     padding[0, :5] = side == "left"
     padding[0, 7:] = side == "right"
-    out, _ = module(batch, batch, batch, key_padding_mask=padding, need_weights=False)
     real = slice(5, 12) if side == "left" else slice(0, 7)
-    torch.testing.assert_close(out[real, :1], alone, **TOL)
+    for need_weights in (False, True):  # softmax: fused kernel, then explicit weights
+        out, _ = module(batch, batch, batch, key_padding_mask=padding, need_weights=need_weights)
+        torch.testing.assert_close(out[real, :1], alone, **TOL)
+        # no all-masked softmax row: padded queries of a causal left-padded row give no NaN
+        assert torch.isfinite(out).all()
 
 
 def test_leap_parameters_use_fairseq_names():

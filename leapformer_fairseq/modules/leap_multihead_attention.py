@@ -531,7 +531,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self, query, key, value, key_padding_mask, incremental_state, need_weights,
         static_kv, attn_mask, before_softmax, need_head_weights, key_limit,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """fairseq's attention, with ``causal`` and ``key_limit`` turned into fairseq masks."""
+        """fairseq's attention, with ``causal`` and ``key_limit`` turned into fairseq masks
+        (``(T, S)``, or ``(B * H, T, S)`` per sentence)."""
         blocked = None
         if self.causal and attn_mask is None and query.size(0) > 1:
             # new token t sees the cached keys and new tokens 0 .. t (or its whole chunk)
@@ -547,6 +548,10 @@ class LeaPMultiheadAttention(MultiheadAttention):
             else:
                 blocked = torch.ones(length, cached + length, dtype=torch.bool,
                                      device=query.device).triu(cached + 1)
+            if incremental_state is None and key_padding_mask is not None:
+                # a padded query (left padding) sees its sentence's keys, not none: no
+                # all-masked softmax row (NaN in some kernels); no real row reads its output
+                blocked = self._per_head(blocked & ~key_padding_mask[:, :, None])
         if key_limit is not None:
             source_length = query.size(0) if key is None else key.size(0)
             key_index = torch.arange(source_length, device=query.device)
