@@ -6,15 +6,9 @@ from .bidirectional import bidirectional_linear_attention
 from .blockwise import FeatureMap, blockwise_causal_linear_attention
 from .chunk import causal_linear_attention
 from .naive import naive_leap_attention, naive_softmax_attention
+from .precision import state_dtype
 from .prefix import prefix_linear_attention
-from .recurrent import (
-    LinearAttentionState,
-    empty_state,
-    query_state,
-    recurrent_step,
-    state_dtype,
-    update_state,
-)
+from .recurrent import LinearAttentionState, empty_state, query_state, recurrent_step, update_state
 
 __all__ = [
     "FeatureMap",

@@ -2,6 +2,8 @@
 import torch
 from torch import Tensor
 
+from .precision import accumulating, input_dtype
+
 
 def bidirectional_linear_attention(
     q: Tensor,
@@ -20,14 +22,16 @@ def bidirectional_linear_attention(
         key_padding_mask: ``(N, Lk)`` bool, True at padding (those keys contribute nothing).
         query_padding_mask: ``(N, Lq)`` bool; padded queries output zeros.
     Returns:
-        ``(N, Lq, dv)``.
+        ``(N, Lq, dv)`` in the inputs' dtype; the sums are accumulated in float32 or wider.
     """
-    if key_padding_mask is not None:
-        k = k.masked_fill(key_padding_mask[..., None], 0.0)
-    kv = torch.einsum("nlf,nld->nfd", k, v)
-    k_sum = k.sum(dim=1)
-    denominator = torch.einsum("nlf,nf->nl", q, k_sum).clamp_min(eps)
-    out = torch.bmm(q, kv) / denominator[..., None]
+    dtype = input_dtype(q, k, v)
+    with accumulating(q, k, v) as (q, k, v):
+        if key_padding_mask is not None:
+            k = k.masked_fill(key_padding_mask[..., None], 0.0)
+        kv = torch.einsum("nlf,nld->nfd", k, v)
+        k_sum = k.sum(dim=1)
+        denominator = torch.einsum("nlf,nf->nl", q, k_sum).clamp_min(eps)
+        out = (torch.bmm(q, kv) / denominator[..., None]).to(dtype)
     if query_padding_mask is not None:
         out = out.masked_fill(query_padding_mask[..., None], 0.0)
     return out

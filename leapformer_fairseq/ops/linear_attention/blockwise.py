@@ -3,8 +3,9 @@
 Autograd on the chunked form keeps every intermediate (projections, features, chunk scores,
 chunk states) alive until backward. Here the forward pass runs block by block without building
 a graph and keeps only its input ``x`` (what the feature map reads, e.g. the layer input), the
-values only where they cannot be recomputed (dropout), and one state per block; the backward pass recomputes one block at a time (feature map
-included) and differentiates it with autograd. Peak memory is ``O(L d)`` for the inputs and
+values only where they cannot be recomputed (dropout), and one state per block; the backward
+pass recomputes one block at a time (feature map included) under the autocast state of the
+forward pass and differentiates it with autograd. Peak memory is ``O(L d)`` for the inputs and
 their gradients plus ``O(block_size)`` working memory, and the gradients are autograd's own.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .chunk import causal_linear_attention
+from .precision import current_autocast, input_dtype
 from .recurrent import LinearAttentionState
 
 # feature_map(x_block, rows) -> (phi_q, phi_k, v): the rows ``rows`` of ``x`` (``x[:, rows]``) to
@@ -54,7 +56,8 @@ class _BlockwiseCausal(torch.autograd.Function):
             if index == 0:
                 # Rows outermost in memory: for fairseq's ``(L, B * H, d)`` layout, merging the
                 # heads of the output back is then a view, not a copy.
-                out = v.new_empty(length, v.shape[0], v.shape[-1]).transpose(0, 1)
+                out = v.new_empty(length, v.shape[0], v.shape[-1],
+                                  dtype=input_dtype(phi_q, phi_k, v)).transpose(0, 1)
             else:
                 kv_states.append(state.kv)
                 k_sum_states.append(state.k_sum)
@@ -64,6 +67,7 @@ class _BlockwiseCausal(torch.autograd.Function):
                 output_final_state=index + 1 < len(blocks),
             )
         ctx.feature_map, ctx.chunk_size, ctx.blocks = feature_map, chunk_size, blocks
+        ctx.autocast = current_autocast(x.device.type)
         ctx.key_padding_mask, ctx.eps = key_padding_mask, eps
         ctx.n_states = len(kv_states)
         ctx.save_for_backward(x, values, *kv_states, *k_sum_states, *params)
@@ -90,13 +94,16 @@ class _BlockwiseCausal(torch.autograd.Function):
                     kv_states[index - 1].detach().requires_grad_(),
                     k_sum_states[index - 1].detach().requires_grad_(),
                 ]
-                phi_q, phi_k, v = _block_inputs(ctx.feature_map, x_block, values_block, rows)
                 mask = None if ctx.key_padding_mask is None else ctx.key_padding_mask[:, rows]
-                out, state = causal_linear_attention(
-                    phi_q, phi_k, v, ctx.chunk_size, mask, ctx.eps,
-                    initial_state=LinearAttentionState(*initial) if initial else None,
-                    output_final_state=bool(grad_state),
-                )
+                # The forward pass's autocast state for the recomputation only: autograd.grad
+                # below differentiates in the dtypes the recorded ops ran in.
+                with ctx.autocast():
+                    phi_q, phi_k, v = _block_inputs(ctx.feature_map, x_block, values_block, rows)
+                    out, state = causal_linear_attention(
+                        phi_q, phi_k, v, ctx.chunk_size, mask, ctx.eps,
+                        initial_state=LinearAttentionState(*initial) if initial else None,
+                        output_final_state=bool(grad_state),
+                    )
                 outputs = [out, *([state.kv, state.k_sum] if grad_state else [])]
                 leaves = [x_block, *initial, *params]
                 if values is not None:

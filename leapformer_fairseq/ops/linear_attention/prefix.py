@@ -2,6 +2,8 @@
 import torch
 from torch import Tensor
 
+from .precision import accumulating, input_dtype
+
 
 def prefix_linear_attention(
     q: Tensor,
@@ -21,7 +23,7 @@ def prefix_linear_attention(
         key_padding_mask: ``(N, Lk)`` bool, True at padding.
         query_padding_mask: ``(N, Lq)`` bool; padded queries output zeros.
     Returns:
-        ``(N, Lq, dv)``.
+        ``(N, Lq, dv)`` in the inputs' dtype; scores and sums are computed in float32 or wider.
     """
     key_index = torch.arange(k.shape[1], device=k.device)
     allowed = key_index < key_limit.unsqueeze(-1)
@@ -29,9 +31,11 @@ def prefix_linear_attention(
         allowed = allowed.unsqueeze(0)
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, :]
-    scores = torch.bmm(q, k.transpose(1, 2)).masked_fill(~allowed, 0.0)
-    denominator = scores.sum(dim=-1).clamp_min(eps)
-    out = torch.bmm(scores, v) / denominator[..., None]
+    dtype = input_dtype(q, k, v)
+    with accumulating(q, k, v) as (q, k, v):
+        scores = torch.bmm(q, k.transpose(1, 2)).masked_fill(~allowed, 0.0)
+        denominator = scores.sum(dim=-1).clamp_min(eps)
+        out = (torch.bmm(scores, v) / denominator[..., None]).to(dtype)
     if query_padding_mask is not None:
         out = out.masked_fill(query_padding_mask[..., None], 0.0)
     return out

@@ -8,10 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-
-def state_dtype(input_dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums are accumulated in: at least float32."""
-    return torch.promote_types(input_dtype, torch.float32)
+from .precision import accumulating, state_dtype
 
 
 class LinearAttentionState(NamedTuple):
@@ -50,20 +47,19 @@ def update_state(
         k: ``(N, t, f)`` key features; v: ``(N, t, dv)``.
         key_padding_mask: ``(N, t)`` bool, True at padding (ignored keys).
     """
-    k = k.to(state.kv.dtype)
-    if key_padding_mask is not None:
-        k = k.masked_fill(key_padding_mask[..., None], 0.0)
-    return LinearAttentionState(
-        kv=state.kv + torch.einsum("ntf,ntd->nfd", k, v.to(k.dtype)),
-        k_sum=state.k_sum + k.sum(dim=1),
-    )
+    with accumulating(*state, k, v) as (kv, k_sum, k, v):
+        if key_padding_mask is not None:
+            k = k.masked_fill(key_padding_mask[..., None], 0.0)
+        return LinearAttentionState(kv=kv + torch.einsum("ntf,ntd->nfd", k, v),
+                                    k_sum=k_sum + k.sum(dim=1))
 
 
 def query_state(state: LinearAttentionState, q: Tensor, eps: float = 0.1) -> Tensor:
     """Read the state with ``t`` queries: ``(N, t, f) -> (N, t, dv)`` in ``q``'s dtype."""
-    q_state = q.to(state.kv.dtype)
-    denominator = torch.einsum("ntf,nf->nt", q_state, state.k_sum).clamp_min(eps)
-    return (torch.bmm(q_state, state.kv) / denominator[..., None]).to(q.dtype)
+    dtype = q.dtype
+    with accumulating(*state, q) as (kv, k_sum, q):
+        denominator = torch.einsum("ntf,nf->nt", q, k_sum).clamp_min(eps)
+        return (torch.bmm(q, kv) / denominator[..., None]).to(dtype)
 
 
 def recurrent_step(
