@@ -281,11 +281,21 @@ def test_offline_model_and_options():
     with pytest.raises(ValueError, match="--waitk-lagging"):
         build_s2t_model("leap", waitk=0)
     for ratio in (0, -1):
-        with pytest.raises(ValueError, match=f"--fixed-pre-decision-ratio must be >= 1, got "
+        with pytest.raises(ValueError, match=f"--fixed-pre-decision-ratio must be > 0, got "
                                              f"{ratio}"):
             build_s2t_model("leap", ratio=ratio)
     unset, _ = build_s2t_model("leap", ratio=None)
     assert unset.decoder.cross_attention_config.waitk_stride == 9
+
+
+def test_pre_decision_ratio_zero_is_refused_on_the_command_line(capsys):
+    parser = argparse.ArgumentParser()
+    LeaPformerS2TWaitkModel.add_args(parser)
+    assert parser.parse_args(["--fixed-pre-decision-ratio", "4"]).fixed_pre_decision_ratio == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fixed-pre-decision-ratio", "0"])
+    assert ("argument --fixed-pre-decision-ratio: --fixed-pre-decision-ratio must be > 0, got 0"
+            in capsys.readouterr().err)
 
 
 def test_missing_pretrained_encoder_is_an_error(tmp_path):

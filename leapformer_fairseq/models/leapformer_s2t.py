@@ -38,6 +38,8 @@ from .attention_config import (
     AttentionConfig,
     add_attention_args,
     attention_config,
+    check_positive,
+    positive,
     resolve_attention_types,
 )
 from .leapformer_transformer import (
@@ -245,7 +247,8 @@ class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
         LeaPformerS2TTransformerModel.add_args(parser)
         parser.add_argument("--waitk-lagging", type=int, metavar="K",
                             help="wait-k lagging in source units (required, >= 1)")
-        parser.add_argument("--fixed-pre-decision-ratio", type=int, metavar="R",
+        parser.add_argument("--fixed-pre-decision-ratio",
+                            type=positive(int, "--fixed-pre-decision-ratio"), metavar="R",
                             help="encoder frames (40 ms each) per source unit (default 9)")
         parser.add_argument("--chunk-causal-encoder", action="store_true",
                             help="encoder self-attention sees its whole pre-decision chunk of "
@@ -254,10 +257,7 @@ class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
     @staticmethod
     def pre_decision_ratio(args) -> int:
         ratio = getattr(args, "fixed_pre_decision_ratio", None)
-        if ratio is None:
-            ratio = 9
-        if ratio < 1:
-            raise ValueError(f"--fixed-pre-decision-ratio must be >= 1, got {ratio}")
+        ratio = 9 if ratio is None else check_positive("--fixed-pre-decision-ratio", ratio)
         args.fixed_pre_decision_ratio = ratio
         return ratio
 
