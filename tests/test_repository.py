@@ -29,7 +29,7 @@ def test_no_tracked_file_cites_outside_the_repository():
 
 
 def test_cited_docs_exist():
-    """Every ``docs/NAME.md`` a tracked file mentions is in the repository."""
+    """Every page ``docs/<name>.md`` that a tracked file mentions is in the repository."""
     missing = {f"{name}: {doc}" for name, text in tracked_text_files()
                for doc in re.findall(r"docs/[\w-]+\.md", text) if not (ROOT / doc).is_file()}
     assert not missing, sorted(missing)
