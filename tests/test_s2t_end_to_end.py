@@ -8,6 +8,8 @@ import argparse
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from leapformer_fairseq.simuleval_scores import read_scores_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_UTTERANCES = 10
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,7 @@ def test_agent_finishes_with_the_source_and_does_not_leak(demo):
     agent = agent_class(argparse.Namespace(
         checkpoint=str(checkpoint), data_dir=str(demo), config_yaml="config_st.yaml",
         waitk=None, max_len_a=3.0, max_len_b=10, recompute=False, device="cpu", threads=threads,
-        eos_before_end=False))
+        eos_before_end=False, downmix=False))
     model, task = load_streaming_model(str(checkpoint), str(demo),
                                        overrides={"config_yaml": "config_st.yaml"})
     cmvn = GlobalCMVN.load(task.data_cfg.global_cmvn_stats_npz)
@@ -138,3 +141,112 @@ def test_agent_finishes_with_the_source_and_does_not_leak(demo):
         agent.pushpop(SpeechSegment(index=0, content=[0.0] * 800, sample_rate=8000,
                                     finished=False))
     torch.set_num_threads(threads)
+
+
+def run(command, timeout=300):
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=ENV)
+
+
+def fairseq_generate(data: Path, checkpoint: Path, subset: str = "tst-COMMON_st"):
+    """``fairseq-generate`` on a speech subset; returns the hypothesis lines ``{id: text}``.
+    ``--required-batch-size-multiple 1``: with fairseq's default of 8 the last batch of a subset
+    whose size is not a multiple of 8 is silently dropped (fairseq issue #5036)."""
+    done = run([sys.executable, "-m", "fairseq_cli.generate", data,
+                "--user-dir", ROOT / "leapformer_fairseq", "--task", "speech_to_text",
+                "--config-yaml", "config_st.yaml", "--gen-subset", subset, "--path", checkpoint,
+                "--max-tokens", "50000", "--beam", "4", "--max-len-b", "20",
+                "--required-batch-size-multiple", "1", "--cpu"])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return dict(re.findall(r"^H-(\d+)\t\S+\t(.*)$", done.stdout, flags=re.M))
+
+
+def subset_size(data: Path, subset: str = "tst-COMMON_st") -> int:
+    return len((data / f"{subset}.tsv").read_text(encoding="utf-8").splitlines()) - 1
+
+
+def speech_train_command(data: Path, arch: str, save: Path, *extra):
+    """``fairseq-train`` as the recipe runs it (``s2t_recipe.train_command``), 2 updates."""
+    return [sys.executable, "-m", "fairseq_cli.train", data, "--user-dir",
+            ROOT / "leapformer_fairseq", "--task", "speech_to_text", "--config-yaml",
+            "config_st.yaml", "--train-subset", "train_st", "--valid-subset", "dev_st",
+            "--arch", arch, "--criterion", "label_smoothed_cross_entropy",
+            "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "2e-3",
+            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--max-tokens", "20000",
+            "--max-update", "2", "--save-dir", save, "--no-epoch-checkpoints", "--seed", "1",
+            "--log-format", "simple", "--num-workers", "0", "--required-batch-size-multiple", "1",
+            "--disable-validation", "--cpu", *extra]
+
+
+def test_st_checkpoint_runs_without_its_asr_run(demo, tmp_path):
+    """Checkpoints are self-contained: with the ASR run directory gone (moved out of the data
+    directory for this test, put back afterwards for the module's other tests), the ST checkpoint
+    loads in the ``simuleval`` CLI with the recipe's options, whose output equals the recipe's
+    run (instances.log: words and delays; ``elapsed`` is wall-clock time), and in
+    ``fairseq-generate``, which translates every utterance. A checkpoint saved before
+    build_encoder cleared ``--load-pretrained-encoder-from`` (the option still naming the missing
+    file) loads for streaming too, to the same parameters."""
+    checkpoint = demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"
+    saved = torch.load(checkpoint, weights_only=False)
+    asr_checkpoint = Path(saved["cfg"]["model"].encoder_initialized_from)
+    asr_run = demo / "runs" / "asr_leap_k2"
+    assert asr_checkpoint.parent.resolve() == asr_run.resolve()
+    old_style = tmp_path / "old_style.pt"
+    saved["cfg"]["model"].load_pretrained_encoder_from = str(asr_checkpoint)
+    torch.save(saved, old_style)
+    recipe_run, output = demo / "eval" / "leap_k2", tmp_path / "eval"
+    shutil.move(asr_run, tmp_path / "asr_leap_k2")
+    try:
+        assert not asr_checkpoint.exists()
+        done = run([sys.executable, "-m", "simuleval.cli",
+                    "--agent", ROOT / "simuleval_agents" / "leap_waitk_speech_agent.py",
+                    "--source", demo / "eval.wav_list", "--target", demo / "eval.de",
+                    "--source-type", "speech", "--target-type", "text",
+                    "--checkpoint", checkpoint, "--data-dir", demo,
+                    "--config-yaml", "config_st.yaml", "--waitk", "2", "--output", output,
+                    "--source-segment-size", "160", "--quality-metrics", "BLEU",
+                    "--latency-metrics", "AL", "LAAL", "AP", "DAL", "ATD",
+                    "--eval-latency-unit", "word", "--computation-aware"])
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+        def instances(run_dir):
+            return [{k: v for k, v in json.loads(line).items() if k != "elapsed"}
+                    for line in (run_dir / "instances.log").open()]
+        assert instances(output) == instances(recipe_run)
+        assert len(instances(output)) == TEST_UTTERANCES
+
+        hypotheses = fairseq_generate(demo, checkpoint)
+        assert sorted(map(int, hypotheses)) == list(range(subset_size(demo)))
+
+        model, _ = load_streaming_model(str(checkpoint), str(demo),
+                                        overrides={"config_yaml": "config_st.yaml"})
+        old_model, _ = load_streaming_model(str(old_style), str(demo),
+                                            overrides={"config_yaml": "config_st.yaml"})
+        expected = model.state_dict()
+        for name, tensor in old_model.state_dict().items():
+            assert torch.equal(tensor, expected[name]), name
+    finally:
+        shutil.move(tmp_path / "asr_leap_k2", asr_run)
+
+
+def test_fairseq_generate_on_the_offline_speech_arch(demo, tmp_path):
+    """``leapformer_s2t_transformer`` trained with ``fairseq-train`` as the recipe would (2
+    updates) runs in ``fairseq-generate``: one hypothesis per utterance of the subset (the
+    wait-k arch is covered by the test above)."""
+    save = tmp_path / "offline"
+    done = run(speech_train_command(demo, "leapformer_s2t_transformer_tiny", save))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    hypotheses = fairseq_generate(demo, save / "checkpoint_last.pt")
+    assert sorted(map(int, hypotheses)) == list(range(subset_size(demo)))
+
+
+def test_training_with_a_missing_pretrained_encoder_fails_clearly(demo, tmp_path):
+    missing = tmp_path / "asr" / "checkpoint_last.pt"
+    save = tmp_path / "st"
+    done = run(speech_train_command(demo, "leapformer_s2t_waitk_tiny", save,
+                                    "--waitk-lagging", "2", "--fixed-pre-decision-ratio", "3",
+                                    "--load-pretrained-encoder-from", missing))
+    assert done.returncode != 0
+    assert any("--load-pretrained-encoder-from" in line and str(missing) in line
+               for line in done.stderr.splitlines()), done.stderr[-4000:]
+    assert not list(save.glob("*.pt"))
