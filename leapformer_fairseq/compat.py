@@ -1,12 +1,18 @@
-"""Make fairseq checkpoints load under torch >= 2.6.
+"""Make fairseq checkpoints load under torch >= 2.6, and load self-contained.
 
 torch 2.6 made ``torch.load`` default to ``weights_only=True``, which refuses the
 ``argparse.Namespace`` and omegaconf objects every fairseq checkpoint holds, so
 ``fairseq-generate`` and ``--restore-file`` fail. Importing this plugin (``--user-dir`` does)
 points the modules of fairseq that read its own checkpoints at a ``torch`` whose ``load``
 defaults to ``weights_only=False``. ``torch.load`` itself, and every other caller, is untouched.
+
+A model built from a checkpoint's saved args must not read the files it was initialised from in
+training (``--load-pretrained-encoder-from``): they may be gone. :func:`record_initialisation`
+turns that option into a record, both when the encoder is loaded for training and in every
+checkpoint fairseq reads (so checkpoints saved before that change load too).
 """
 import importlib
+from argparse import Namespace
 from types import ModuleType
 from typing import Any
 
@@ -14,6 +20,17 @@ import torch
 
 # fairseq modules that unpickle fairseq's own files with ``torch.load``.
 CHECKPOINT_READERS = ("fairseq.checkpoint_utils", "fairseq.distributed.utils")
+
+
+def record_initialisation(args: Any) -> None:
+    """Move ``args.load_pretrained_encoder_from`` (a path read when the model is built) to
+    ``args.encoder_initialized_from`` (a record only); no-op for anything but a Namespace that
+    names such a path."""
+    path = getattr(args, "load_pretrained_encoder_from", None) \
+        if isinstance(args, Namespace) else None
+    if path:
+        args.encoder_initialized_from = path
+        args.load_pretrained_encoder_from = None
 
 
 class _TorchForFairseqCheckpoints:
@@ -25,7 +42,13 @@ class _TorchForFairseqCheckpoints:
     @staticmethod
     def load(f, *args, **kwargs):
         kwargs.setdefault("weights_only", False)
-        return torch.load(f, *args, **kwargs)
+        state = torch.load(f, *args, **kwargs)
+        if isinstance(state, dict):  # the training args: legacy "args", or "cfg" -> "model"
+            record_initialisation(state.get("args"))
+            cfg = state.get("cfg")
+            if isinstance(cfg, dict):
+                record_initialisation(cfg.get("model"))
+        return state
 
 
 def allow_fairseq_checkpoints() -> None:

@@ -185,7 +185,7 @@ def test_st_checkpoint_runs_without_its_asr_run(demo, tmp_path):
     run (instances.log: words and delays; ``elapsed`` is wall-clock time), and in
     ``fairseq-generate``, which translates every utterance. A checkpoint saved before
     build_encoder cleared ``--load-pretrained-encoder-from`` (the option still naming the missing
-    file) loads for streaming too, to the same parameters."""
+    file) loads too: for streaming, to the same parameters, and in ``fairseq-generate``."""
     checkpoint = demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"
     saved = torch.load(checkpoint, weights_only=False)
     asr_checkpoint = Path(saved["cfg"]["model"].encoder_initialized_from)
@@ -217,6 +217,7 @@ def test_st_checkpoint_runs_without_its_asr_run(demo, tmp_path):
 
         hypotheses = fairseq_generate(demo, checkpoint)
         assert sorted(map(int, hypotheses)) == list(range(subset_size(demo)))
+        assert fairseq_generate(demo, old_style) == hypotheses
 
         model, _ = load_streaming_model(str(checkpoint), str(demo),
                                         overrides={"config_yaml": "config_st.yaml"})

@@ -32,6 +32,7 @@ from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
 from torch import Tensor, nn
 
 from leapformer_fairseq.audio import GlobalCMVN
+from leapformer_fairseq.compat import record_initialisation
 from leapformer_fairseq.modules.causal_conv_subsampler import CausalConv1dSubsampler
 
 from .attention_config import (
@@ -201,8 +202,9 @@ class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
         """The encoder, initialised from ``--load-pretrained-encoder-from`` when given.
 
         The option is consumed: once the weights are loaded it is cleared from ``args`` (the
-        args the trainer saves in every checkpoint) and kept as ``encoder_initialized_from``,
-        so loading the checkpoint later never reads the pretrained file again.
+        args the trainer saves in every checkpoint) and kept as ``encoder_initialized_from``
+        (:func:`~leapformer_fairseq.compat.record_initialisation`), so loading the checkpoint
+        later never reads the pretrained file again.
         """
         encoder = LeaPS2TEncoder(args, cls.encoder_attention(args), cls.build_subsampler(args))
         pretrained = getattr(args, "load_pretrained_encoder_from", None)
@@ -213,8 +215,7 @@ class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
             encoder = checkpoint_utils.load_pretrained_component_from_model(
                 component=encoder, checkpoint=pretrained)
             logger.info(f"loaded the encoder from {pretrained}")
-            args.encoder_initialized_from = pretrained
-            args.load_pretrained_encoder_from = None
+            record_initialisation(args)
         return encoder
 
     @classmethod

@@ -405,9 +405,7 @@ def load_streaming_model(checkpoint: str, data_bin: Optional[str] = None, device
     """
     from fairseq import checkpoint_utils
 
-    # inference never reads the checkpoint an encoder was initialised from (checkpoints saved
-    # before build_encoder cleared the option still name it)
-    arg_overrides = {"load_pretrained_encoder_from": None, **(overrides or {})}
+    arg_overrides = dict(overrides or {})
     if data_bin is not None:
         arg_overrides["data"] = data_bin
     _require_file(Path(checkpoint), "checkpoint")
