@@ -41,12 +41,7 @@ TSV = ROOT / "data" / "gettext-mt" / "en-de.{split}.tsv"
 LONG_SOURCE = " ".join(["information"] * 100)  # more pieces than --max-source-positions 64
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tsv_pairs(split: str, count: int, max_chars: int = 40) -> List[List[str]]:

@@ -81,13 +81,7 @@ def prep_in_process(monkeypatch, data_root: Path, out: Path, *options) -> None:
     runpy.run_path(str(PREP_MUSTC), run_name="__main__")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors, as in the scripts: several torch threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
