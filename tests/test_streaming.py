@@ -194,6 +194,24 @@ def test_learned_positions_stream_until_max_source_positions():
         stream.push_source([5, 6, 7, 8])
 
 
+def test_learned_target_positions_stop_at_max_target_positions():
+    """A stream of a decoder with learned positions predicts up to ``--max-target-positions``
+    tokens, then refuses naming the option (fairseq would fail with an IndexError). The text
+    stream keeps the count of source tokens, not the tokens (outside recompute mode)."""
+    model, dictionary = build_waitk_model("leap", waitk=1, decoder_learned_pos=True,
+                                          max_target_positions=4)
+    stream = model.start_stream(eos_before_end=False, max_len_b=100)
+    stream.push_source([dictionary.nspecial] * 6)
+    assert stream.source == [] and stream.source_length == 6
+    with torch.no_grad():  # no EOS, so the stream runs into the limit
+        model.decoder.output_projection.weight[dictionary.eos()] = -1e3
+    for _ in range(4):
+        stream.predict()
+    with pytest.raises(ValueError, match=r"target position 4 is past --max-target-positions 4 "
+                                         r"\(learned positional embeddings\)"):
+        stream.predict()
+
+
 def test_cosformer_stream_past_max_positions_is_an_error():
     model, _ = build_waitk_model("cosformer", cosformer_max_positions=8)
     stream = model.start_stream()

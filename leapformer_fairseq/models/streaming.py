@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import yaml
+from fairseq.modules import LearnedPositionalEmbedding
 from torch import Tensor
 
 from leapformer_fairseq.audio import (GlobalCMVN, IncrementalFbank, check_finite, fbank,
@@ -68,6 +69,9 @@ class _WaitkDecoding:
         self.recompute = recompute
         self.eos_before_end = eos_before_end
         self.target_eos = model.decoder.dictionary.eos()
+        positions = model.decoder.embed_positions  # learned ones have no row past their limit
+        self.max_target_positions = positions.max_positions \
+            if isinstance(positions, LearnedPositionalEmbedding) else None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.target: List[int] = []
@@ -117,6 +121,10 @@ class _WaitkDecoding:
             # a source too short for one encoder state translates to nothing
             self.target.append(self.target_eos)
             return self.target_eos
+        if self.max_target_positions is not None and \
+                len(self.target) >= self.max_target_positions:
+            raise ValueError(f"target position {len(self.target)} is past --max-target-positions "
+                             f"{self.max_target_positions} (learned positional embeddings)")
         prev_tokens = torch.tensor([[self.target_eos] + self.target], device=self.device)
         if self.recompute:
             encoder_out = self._recompute_encoder_out()
@@ -169,13 +177,14 @@ class WaitkStream(_WaitkDecoding):
                  max_len_b: int = 10, recompute: bool = False, eos_before_end: bool = True):
         super().__init__(model, waitk, 1, max_len_a, max_len_b, recompute, eos_before_end)
         self.source_eos = model.encoder.dictionary.eos()
-        self.source: List[int] = []
+        self.source_length = 0
+        self.source: List[int] = []  # kept in recompute mode only
 
     def _source_units(self) -> int:
-        return len(self.source)
+        return self.source_length
 
     def _encoder_frames(self) -> int:
-        return len(self.source)
+        return self.source_length
 
     @torch.no_grad()
     def push_source(self, tokens: Sequence[int]) -> None:
@@ -184,9 +193,10 @@ class WaitkStream(_WaitkDecoding):
             raise RuntimeError("push_source after finish_source")
         if len(tokens) == 0:
             return
-        start = len(self.source)
-        self.source.extend(int(t) for t in tokens)
+        start = self.source_length
+        self.source_length += len(tokens)
         if self.recompute:
+            self.source.extend(int(t) for t in tokens)
             return
         new = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         self._append_encoded(self.model.encoder.forward_new_tokens(new, start, self.encoder_state))
