@@ -12,9 +12,8 @@ from fairseq.modules import SinusoidalPositionalEmbedding
 
 import leapformer_fairseq  # noqa: F401  (registers the models)
 from leapformer_fairseq.models import LeaPformerWaitkTransformerModel
-from leapformer_fairseq.models.leapformer_transformer import sinusoidal_rows
 from leapformer_fairseq.models.streaming import waitk_greedy_decode
-from leapformer_fairseq.modules import ATTN_TYPES, LINEAR_ATTN_TYPES
+from leapformer_fairseq.modules import ATTN_TYPES, LINEAR_ATTN_TYPES, sinusoidal_rows
 
 VOCAB = 24
 PAD = Dictionary().pad()
@@ -179,6 +178,26 @@ def test_stream_past_the_position_table_does_not_grow_it():
     torch.testing.assert_close(streamed, offline, rtol=0, atol=1e-10)
 
 
+def test_decoder_stream_past_its_position_table_does_not_grow_it():
+    """A target longer than the decoder's sinusoidal table (``--max-target-positions`` 16):
+    every incremental step computes its own position row and leaves fairseq's table as it was
+    (fairseq would rebuild the whole table at every step), and the stream still equals offline
+    wait-k greedy decoding."""
+    model, dictionary = build_waitk_model("leap", waitk=1, max_target_positions=16)
+    with torch.no_grad():  # no EOS: 40 target tokens
+        model.decoder.output_projection.weight[dictionary.eos()] = -1e3
+    table = model.decoder.embed_positions.weights
+    source = random_sentences(dictionary, count=1, seed=3)[0][:10]
+    stream = model.start_stream(max_len_b=30)
+    stream.push_source(source)
+    stream.finish_source()
+    while not stream.finished:
+        stream.predict()
+    assert len(stream.target) > 2 * 16
+    assert model.decoder.embed_positions.weights is table and table.size(0) == 16 + PAD + 1
+    assert stream.target == waitk_greedy_decode(model, source, max_len_b=30)
+
+
 def test_learned_positions_stream_until_max_source_positions():
     model, _ = build_waitk_model("leap", encoder_learned_pos=True, max_source_positions=8)
     tokens = torch.randint(4, VOCAB + 4, (1, 8))
@@ -189,7 +208,7 @@ def test_learned_positions_stream_until_max_source_positions():
     torch.testing.assert_close(streamed, offline, rtol=0, atol=1e-10)
     stream = model.start_stream()
     stream.push_source(tokens[0, :6].tolist())
-    with pytest.raises(ValueError, match=r"source position 9 is past --max-source-positions 8 "
+    with pytest.raises(ValueError, match=r"source position 8 is past --max-source-positions 8 "
                                          r"\(learned positional embeddings\)"):
         stream.push_source([5, 6, 7, 8])
 

@@ -5,7 +5,6 @@
 target token i attends source tokens ``0 .. i + k - 1`` in training exactly as in streaming.
 """
 import argparse
-import math
 from contextvars import ContextVar
 from typing import Dict, Optional
 
@@ -26,6 +25,8 @@ from fairseq.modules.transformer_layer import (
 )
 import torch
 from torch import Tensor, nn
+
+from leapformer_fairseq.modules import StreamingSinusoidalPositionalEmbedding, sinusoidal_rows
 
 from .attention_config import (
     AttentionConfig,
@@ -48,24 +49,6 @@ def _wrap_layer(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
     return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
 
 
-def sinusoidal_rows(positions: Tensor, embedding_dim: int, padding_idx: int) -> Tensor:
-    """fairseq's sinusoidal embeddings of token positions ``(n,)`` (0 for the first token),
-    ``(n, embedding_dim)`` float32 on the CPU, without the rows before them.
-
-    Position ``t`` is row ``padding_idx + 1 + t`` of ``SinusoidalPositionalEmbedding``'s table;
-    the arithmetic is ``get_embedding``'s, step for step, so the rows equal it bit for bit.
-    """
-    half_dim = embedding_dim // 2
-    frequencies = torch.exp(
-        torch.arange(half_dim, dtype=torch.float) * -(math.log(10000) / (half_dim - 1)))
-    rows = (positions.cpu() + padding_idx + 1).to(torch.float)
-    angles = rows.unsqueeze(1) * frequencies.unsqueeze(0)
-    embeddings = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if embedding_dim % 2 == 1:
-        embeddings = torch.cat([embeddings, torch.zeros(embeddings.size(0), 1)], dim=1)
-    return embeddings
-
-
 def stream_position_rows(embed_positions: nn.Module, start: int, count: int,
                          batch_size: int) -> Tensor:
     """Positional embeddings of stream positions ``start .. start + count - 1``,
@@ -79,8 +62,9 @@ def stream_position_rows(embed_positions: nn.Module, start: int, count: int,
     if isinstance(embed_positions, LearnedPositionalEmbedding):
         if start + count > embed_positions.max_positions:
             raise ValueError(
-                f"source position {start + count - 1} is past --max-source-positions "
-                f"{embed_positions.max_positions} (learned positional embeddings)")
+                f"source position {max(start, embed_positions.max_positions)} is past "
+                f"--max-source-positions {embed_positions.max_positions} (learned positional "
+                "embeddings)")
         rows = positions + embed_positions.padding_idx + 1
         embeddings = embed_positions.weight[rows.to(embed_positions.weight.device)]
     elif isinstance(embed_positions, SinusoidalPositionalEmbedding):
@@ -196,6 +180,11 @@ class LeaPTransformerDecoder(TransformerDecoderBase):
         self.self_attention_config = self_attention
         self.cross_attention_config = cross_attention
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+        if isinstance(self.embed_positions, SinusoidalPositionalEmbedding):
+            # incremental steps compute their row instead of growing fairseq's table
+            self.embed_positions = StreamingSinusoidalPositionalEmbedding(
+                self.embed_positions.embedding_dim, self.embed_positions.padding_idx,
+                init_size=self.embed_positions.weights.size(0))
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         layer = LeaPDecoderLayer(

@@ -5,10 +5,13 @@ from .leap_multihead_attention import (
     LeaPMultiheadAttention,
     leap_proportion_mlp,
 )
+from .streaming_positions import StreamingSinusoidalPositionalEmbedding, sinusoidal_rows
 
 __all__ = [
     "ATTN_TYPES",
     "LINEAR_ATTN_TYPES",
     "LeaPMultiheadAttention",
+    "StreamingSinusoidalPositionalEmbedding",
     "leap_proportion_mlp",
+    "sinusoidal_rows",
 ]
