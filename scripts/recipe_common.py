@@ -73,6 +73,15 @@ def train_sentencepiece(prefix: Path, **options) -> None:
             Path(f"{partial}.vocab").unlink(missing_ok=True)
 
 
+def read_recipe(data: Path, tag: str, step: str) -> Dict:
+    """``data/recipe.json``, the settings ``prepare`` writes last; missing, it stops the step
+    with a message naming the file (not a traceback)."""
+    path = Path(data) / "recipe.json"
+    if not path.is_file():
+        raise SystemExit(f"[{tag}] {step}: missing {path}; run prepare first")
+    return json.loads(path.read_text())
+
+
 def refuse_empty(lines: Sequence[str], path: Path, what: str, tag: str,
                  first_line: int = 1) -> None:
     """Stop at the first blank entry of ``lines`` (line ``first_line`` onwards of ``path``)

@@ -27,7 +27,13 @@ import soundfile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from prep_mustc import load_talk, read_split  # noqa: E402  (the sibling script)
-from recipe_common import Recipe, atomic_output, read_lines, write_text  # noqa: E402
+from recipe_common import (  # noqa: E402
+    Recipe,
+    atomic_output,
+    read_lines,
+    read_recipe,
+    write_text,
+)
 
 from leapformer_fairseq.audio import SAMPLE_RATE  # noqa: E402
 from leapformer_fairseq.simuleval_scores import (  # noqa: E402
@@ -98,7 +104,7 @@ def train_command(args, task: str, save: Path, extra: Sequence = ()) -> List:
     if not (data / f"config_{task}.yaml").is_file():
         raise SystemExit(f"[s2t] train-{task}: {data / f'config_{task}.yaml'} not found; "
                          "run prepare first")
-    recipe = json.loads((data / "recipe.json").read_text())
+    recipe = read_recipe(data, "s2t", f"train-{task}")
     return [*FAIRSEQ_TRAIN, data, "--user-dir", PLUGIN, "--task", "speech_to_text",
             "--config-yaml", f"config_{task}.yaml", "--train-subset",
             f"{recipe['train']}_{task}", "--valid-subset", f"{recipe['valid']}_{task}",
@@ -146,7 +152,7 @@ def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, segment_ms
               sentences: int, quiet: bool = False, extra: Sequence = ()) -> Dict[str, float]:
     """SimulEval CLI with the speech agent and ``--computation-aware``; returns BLEU and each
     latency metric plain and ``_CA`` (also written to ``output/scores_plain_ca.tsv``)."""
-    recipe = json.loads((data / "recipe.json").read_text())
+    recipe = read_recipe(data, "s2t", "evaluate")
     source, target = data / "eval.wav_list", data / f"eval.{recipe['lang']}"
     for path in (source, target):
         if not path.is_file():

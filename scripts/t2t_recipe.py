@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from recipe_common import (  # noqa: E402  (the sibling module)
     Recipe,
     read_lines,
+    read_recipe,
     refuse_empty,
     train_sentencepiece,
     write_text,
@@ -149,8 +150,11 @@ def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, sentences:
     """SimulEval CLI with the agent on the test set (or its first ``sentences``) into ``output``,
     then SimulEval's scoring; ``quiet`` sends its output to ``output/simuleval.log`` instead of
     the terminal."""
-    recipe = json.loads((data / "recipe.json").read_text())
+    recipe = read_recipe(data, "t2t", "evaluate")
     source, target = data / f"test.{recipe['src']}", data / f"test.{recipe['tgt']}"
+    for path in (source, target, data / "data-bin", data / "spm.model"):
+        if not path.exists():
+            raise SystemExit(f"[t2t] evaluate: missing {path}; run prepare first")
     output.mkdir(parents=True, exist_ok=True)
     if sentences:
         for path, name in ((source, "source.txt"), (target, "target.txt")):

@@ -37,6 +37,9 @@ PLUGIN = ROOT / "leapformer_fairseq"
 SPEECH_AGENT = ROOT / "simuleval_agents" / "leap_waitk_speech_agent.py"
 TEXT_AGENT = ROOT / "simuleval_agents" / "leap_waitk_text_agent.py"
 PREP_MUSTC = ROOT / "scripts" / "prep_mustc.py"
+MAKE_TTS = ROOT / "scripts" / "make_tts_corpus.py"
+T2T_RECIPE = ROOT / "scripts" / "t2t_recipe.py"
+S2T_RECIPE = ROOT / "scripts" / "s2t_recipe.py"
 TSV = ROOT / "data" / "gettext-mt" / "en-de.{split}.tsv"
 LONG_SOURCE = " ".join(["information"] * 100)  # more pieces than --max-source-positions 64
 
@@ -66,6 +69,18 @@ def run_script(script: Path, arguments: Sequence) -> None:
         runpy.run_path(str(script), run_name="__main__")
     finally:
         sys.argv = argv
+
+
+def cli_refusal(script: Path, arguments: Sequence, env: dict = None) -> List[str]:
+    """``script`` run as a command that must refuse: exit code 1 and no traceback. Returns the
+    lines of its stderr, the last of them the message (a ``SystemExit`` with a message is what
+    Python turns into exactly this; scripts importing fairseq log a line to stderr before)."""
+    done = subprocess.run([sys.executable, str(script), *map(str, arguments)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return done.stderr.strip().splitlines()
 
 
 def simuleval_cli(*arguments, cwd: Path) -> subprocess.CompletedProcess:
@@ -157,6 +172,30 @@ def test_t2t_prepare_refuses_non_utf8_text_naming_file_and_line(tmp_path):
         f"[t2t] {tmp_path / 'c.train.de'}:2: not UTF-8")
 
 
+def test_t2t_prepare_refuses_a_missing_file_a_wrong_header_or_field_count(tmp_path):
+    """Through the command: one line on stderr naming the file (and line, and flag), exit 1,
+    nothing written."""
+    out = tmp_path / "out"
+    corpus = ["prepare", "--corpus", tmp_path / "c.{split}.tsv", "--out", out]
+    tsv = tmp_path / "c.train.tsv"
+    assert cli_refusal(T2T_RECIPE, corpus) == \
+        [f"[t2t] prepare: missing {tsv} (--corpus with {{split}})"]
+    tsv.write_text("domain\ten\tfr\nkde\tOpen\tOuvrir\n", encoding="utf-8")
+    assert cli_refusal(T2T_RECIPE, corpus) == [
+        f"[t2t] prepare: {tsv} header is ['domain', 'en', 'fr'], expected ['domain', 'en', 'de']"]
+    tsv.write_text("domain\ten\tde\nkde\tOpen\tÖffnen\nkde\tClose\n", encoding="utf-8")
+    assert cli_refusal(T2T_RECIPE, corpus) == [f"[t2t] prepare: {tsv}:3 has 2 fields, not 3"]
+
+    plain = ["prepare", "--plain-prefix", tmp_path / "p", "--out", out]
+    (tmp_path / "p.train.en").write_text("Open\nClose\n", encoding="utf-8")
+    assert cli_refusal(T2T_RECIPE, plain) == \
+        [f"[t2t] prepare: missing {tmp_path / 'p.train.de'} (--plain-prefix)"]
+    (tmp_path / "p.train.de").write_text("Öffnen\n", encoding="utf-8")
+    assert cli_refusal(T2T_RECIPE, plain) == [
+        f"[t2t] prepare: {tmp_path / 'p.train.en'} has 2 lines, {tmp_path / 'p.train.de'} has 1"]
+    assert list(out.iterdir()) == []
+
+
 def test_tts_corpus_refuses_empty_fields_and_non_utf8(tmp_path):
     tsv = tmp_path / "c.train.tsv"
     tsv.write_text("domain\ten\tde\nkde\tOpen\tÖffnen\nkde\t \tSchließen\n", encoding="utf-8")
@@ -166,6 +205,44 @@ def test_tts_corpus_refuses_empty_fields_and_non_utf8(tmp_path):
     tsv.write_bytes(b"domain\ten\tde\nkde\tOpen\t\xd6ffnen\n")
     assert refusal(make_tts_corpus.read_pairs, pattern, "train", "en", "de").startswith(
         f"[tts] {tsv}:2: not UTF-8")
+
+
+def tts_corpus(root: Path) -> str:
+    """Two pairs per split in gettext-mt TSVs under ``root``; their ``--corpus`` pattern."""
+    for split in ("train", "valid", "test"):
+        (root / f"c.{split}.tsv").write_text("domain\ten\tde\nkde\tOpen\tÖffnen\n"
+                                             "kde\tClose\tSchließen\n", encoding="utf-8")
+    return str(root / "c.{split}.tsv")
+
+
+def test_tts_corpus_refuses_unknown_voices_and_an_out_it_did_not_write(tmp_path):
+    """The real espeak-ng judges the voices; an existing split folder without the script's
+    marker file is left as it is."""
+    out = tmp_path / "out"
+    options = ["--corpus", tts_corpus(tmp_path), "--out", out]
+    message = refusal(run_script, MAKE_TTS, [*options, "--voices", "en-us,xx"])
+    assert message.startswith("[tts] --voices: espeak-ng does not know voice 'xx' (see "
+                              "espeak-ng --voices=en): ")
+    assert "\n" not in message
+    assert refusal(run_script, MAKE_TTS, [*options, "--voices", "en-us+nosuchvariant"]) == \
+        "[tts] --voices: espeak-ng has no variant 'nosuchvariant' (see espeak-ng --voices=variant)"
+    train = out / "en-de" / "data" / "train"
+    train.mkdir(parents=True)
+    (train / "notes.txt").write_text("mine\n")
+    assert refusal(run_script, MAKE_TTS, [*options, "--voices", "en-us"]) == (
+        f"[tts] {train} exists and was not written by this script (no "
+        f"{out / 'en-de' / make_tts_corpus.MARKER}); choose another --out")
+    assert (train / "notes.txt").read_text() == "mine\n"
+    assert sorted(path.name for path in (out / "en-de").iterdir()) == ["data"]
+
+
+def test_tts_corpus_without_espeak_ng_exits_with_one_line(tmp_path):
+    """Through the command, with a PATH that holds no espeak-ng (python by its absolute path)."""
+    (tmp_path / "bin").mkdir()
+    lines = cli_refusal(MAKE_TTS, ["--corpus", tts_corpus(tmp_path), "--out", tmp_path / "out"],
+                        env={"PATH": str(tmp_path / "bin")})
+    assert lines[-1] == "[tts] espeak-ng not found on PATH; install it (apt-get install espeak-ng)"
+    assert not (tmp_path / "out").exists()
 
 
 def test_training_skips_and_counts_sources_over_max_source_positions(text_data, capsys):
@@ -379,6 +456,35 @@ def test_prep_refuses_nan_or_inf_audio(tmp_path):
     assert not list((tmp_path / "out").glob("**/*.partial*"))
 
 
+def test_prep_refuses_missing_files_mismatched_counts_and_incomplete_segments(tmp_path):
+    train = broken_mustc(tmp_path)
+    txt, yaml_path = train / "txt", train / "txt" / "train.yaml"
+    translations = (txt / "train.de").read_bytes()
+    (txt / "train.de").unlink()
+    assert refusal(prep, tmp_path / "mustc", tmp_path / "out") == \
+        f"[prep] train: missing {txt / 'train.de'} (--data-root, --lang, --splits)"
+    (txt / "train.de").write_bytes(translations)
+
+    transcripts = (txt / "train.en").read_text(encoding="utf-8")
+    (txt / "train.en").write_text(transcripts + "One more line.\n", encoding="utf-8")
+    assert refusal(prep, tmp_path / "mustc", tmp_path / "out") == (
+        f"[prep] train: {yaml_path} has 3 segments, {txt / 'train.en'} 4 lines, "
+        f"{txt / 'train.de'} 3 lines")
+    (txt / "train.en").write_text(transcripts, encoding="utf-8")
+
+    segments = yaml_path.read_text(encoding="utf-8")
+    lines = segments.splitlines(keepends=True)
+    yaml_path.write_text(lines[0] + lines[1].replace(" speaker_id: s,", "") + lines[2],
+                         encoding="utf-8")
+    assert refusal(prep, tmp_path / "mustc", tmp_path / "out") == \
+        f"[prep] train: {yaml_path} segment 2 lacks {{'speaker_id'}}"
+
+    yaml_path.write_text(segments.replace("wav: train.wav", "wav: talk2.wav"), encoding="utf-8")
+    assert refusal(prep, tmp_path / "mustc", tmp_path / "out") == \
+        f"[prep] missing {train / 'wav' / 'talk2.wav'} (named in the split's yaml)"
+    assert not (tmp_path / "out" / "train_st.tsv").exists()
+
+
 def test_speech_data_config_and_its_files_are_checked(speech_data, speech_checkpoint, tmp_path):
     """A missing config YAML, and a config whose vocabulary, SentencePiece model or gcmvn.npz is
     missing, are refused naming the file (and the key of the config that names it)."""
@@ -470,6 +576,92 @@ def test_s2t_evaluate_reports_a_run_that_wrote_nothing(speech_data, speech_check
     assert message == (f"[s2t] simuleval wait-1000 st_leap: {output / 'instances.log'}: the "
                        "agent wrote nothing for any of its 2 instances, so there is no latency "
                        "to score")
+
+
+# -------------------------------------------------------------------------------- recipes
+def test_recipes_refuse_to_train_before_prepare_or_st_without_asr(tmp_path):
+    data = tmp_path / "data"
+    assert cli_refusal(T2T_RECIPE, ["train", "--data", data]) == \
+        [f"[t2t] train: {data / 'data-bin'} not found; run prepare first"]
+    assert refusal(run_script, S2T_RECIPE, ["train-asr", "--data", data]) == \
+        f"[s2t] train-asr: {data / 'config_asr.yaml'} not found; run prepare first"
+    asr = data / "runs" / "asr_cosformer_k3" / "checkpoint_last.pt"
+    assert refusal(run_script, S2T_RECIPE, ["train-st", "--data", data, "--attn-type",
+                                            "cosformer", "--waitk", "3"]) == \
+        f"[s2t] train-st: ASR checkpoint {asr} not found; run train-asr --attn-type cosformer " \
+        "--waitk 3 or pass --asr-checkpoint"
+    assert refusal(run_script, S2T_RECIPE, ["train-st", "--data", data, "--asr-checkpoint",
+                                            tmp_path / "asr.pt"]).startswith(
+        f"[s2t] train-st: ASR checkpoint {tmp_path / 'asr.pt'} not found; ")
+    # prepare stopped before its last file: the configs are there, recipe.json is not
+    for task in ("asr", "st"):
+        (data / f"config_{task}.yaml").write_text("vocab_filename: spm.txt\n")
+    asr = data / "runs" / "asr_leap_k5" / "checkpoint_last.pt"  # train-st's default
+    asr.parent.mkdir(parents=True, exist_ok=True)
+    asr.write_bytes(b"")
+    for command, task in (("train-asr", "asr"), ("train-st", "st")):
+        assert refusal(run_script, S2T_RECIPE, [command, "--data", data]) == \
+            f"[s2t] train-{task}: missing {data / 'recipe.json'}; run prepare first"
+
+
+def test_recipes_refuse_to_evaluate_without_the_checkpoint_or_prepared_files(tmp_path):
+    """Each missing file named in turn: the run's checkpoint, then what prepare writes."""
+    data = tmp_path / "t2t"
+    evaluate = ["evaluate", "--data", data, "--attn-types", "leap", "--waitk", "3"]
+    checkpoint = data / "runs" / "leap_k3" / "checkpoint_last.pt"
+    assert cli_refusal(T2T_RECIPE, evaluate) == [
+        f"[t2t] evaluate: missing {checkpoint}; run train --attn-type leap --waitk 3 first"]
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    prepared = [data / "recipe.json", data / "test.en", data / "test.de", data / "data-bin",
+                data / "spm.model"]
+    for number, path in enumerate(prepared):
+        assert cli_refusal(T2T_RECIPE, evaluate) == \
+            [f"[t2t] evaluate: missing {path}; run prepare first"]
+        if number == 0:
+            path.write_text(json.dumps({"src": "en", "tgt": "de"}))
+        elif path.name == "data-bin":
+            path.mkdir()
+        else:
+            path.write_text("")
+    assert not (data / "eval").exists()
+
+    data = tmp_path / "s2t"
+    evaluate = ["evaluate", "--data", data, "--attn-types", "leap", "--waitk", "5"]
+    checkpoint = data / "runs" / "st_leap_k5" / "checkpoint_last.pt"
+    assert refusal(run_script, S2T_RECIPE, evaluate) == \
+        f"[s2t] evaluate: missing {checkpoint}; run train-st --attn-type leap --waitk 5 first"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    for number, path in enumerate([data / "recipe.json", data / "eval.wav_list",
+                                   data / "eval.de"]):
+        assert refusal(run_script, S2T_RECIPE, evaluate) == \
+            f"[s2t] evaluate: missing {path}; run prepare first"
+        path.write_text(json.dumps({"lang": "de"}) if number == 0 else "")
+
+
+def test_a_failing_recipe_step_is_named_with_its_exit_code(tmp_path, capfd):
+    """The cheapest real failing step: s2t prepare on a --data-root without en-de. Its command
+    (prep_mustc.py, a real process) refuses with its own line and exit code 1, no traceback;
+    then the recipe stops naming the step."""
+    assert refusal(run_script, S2T_RECIPE, ["prepare", "--data-root", tmp_path / "nowhere",
+                                            "--out", tmp_path / "out"]) == \
+        "[s2t] prepare: prep_mustc failed (exit code 1)"
+    err = capfd.readouterr().err
+    assert err.strip().splitlines()[-1] == \
+        f"[prep] {tmp_path / 'nowhere' / 'en-de'} not found (--data-root, --lang)"
+    assert "Traceback" not in err
+
+
+def test_a_failing_logged_step_names_its_log(tmp_path):
+    """fairseq-train refusing an unknown option after ``--`` (it exits 2): the recipe names the
+    step, the exit code and the log that holds fairseq's own message."""
+    (tmp_path / "data-bin").mkdir()
+    log = tmp_path / "runs" / "leap_k3" / "train.log"
+    assert cli_refusal(T2T_RECIPE, ["train", "--data", tmp_path, "--cpu", "--",
+                                    "--no-such-option"]) == \
+        [f"[t2t] train leap wait-3 failed (exit code 2); its output is in {log}"]
+    assert "unrecognized arguments: --no-such-option" in log.read_text()
 
 
 # -------------------------------------------------------------------------------- outputs
