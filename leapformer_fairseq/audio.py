@@ -33,9 +33,10 @@ def to_int16_scale(samples: Union[Tensor, np.ndarray, Iterable[float]]) -> Tenso
 
 def check_finite(samples: Union[Tensor, np.ndarray], what: str) -> None:
     """Refuse audio holding NaN or inf, naming ``what`` (a file or a stream)."""
-    bad = int((~np.isfinite(np.asarray(samples))).sum())
+    samples = torch.as_tensor(samples)
+    bad = int((~torch.isfinite(samples)).sum())
     if bad:
-        raise ValueError(f"{what}: {bad} of {np.asarray(samples).size} samples are NaN or inf")
+        raise ValueError(f"{what}: {bad} of {samples.numel()} samples are NaN or inf")
 
 
 def frames_to_mono(frames: Sequence, downmix: bool, what: str) -> np.ndarray:

@@ -13,24 +13,29 @@ checkpoint fairseq reads (so checkpoints saved before that change load too).
 """
 import importlib
 from argparse import Namespace
+from collections.abc import MutableMapping
+from contextlib import nullcontext
 from types import ModuleType
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf, open_dict
 
 # fairseq modules that unpickle fairseq's own files with ``torch.load``.
 CHECKPOINT_READERS = ("fairseq.checkpoint_utils", "fairseq.distributed.utils")
 
 
 def record_initialisation(args: Any) -> None:
-    """Move ``args.load_pretrained_encoder_from`` (a path read when the model is built) to
-    ``args.encoder_initialized_from`` (a record only); no-op for anything but a Namespace that
-    names such a path."""
-    path = getattr(args, "load_pretrained_encoder_from", None) \
-        if isinstance(args, Namespace) else None
-    if path:
-        args.encoder_initialized_from = path
-        args.load_pretrained_encoder_from = None
+    """Move ``load_pretrained_encoder_from`` (a path read when the model is built) to
+    ``encoder_initialized_from`` (a record only) in model args: a Namespace (legacy models, as
+    ours) or a mapping (dataclass configs); anything else, or args without the path, is left
+    as it is."""
+    if isinstance(args, Namespace):
+        args = vars(args)
+    if isinstance(args, MutableMapping) and args.get("load_pretrained_encoder_from"):
+        with open_dict(args) if OmegaConf.is_config(args) else nullcontext():
+            args["encoder_initialized_from"] = args["load_pretrained_encoder_from"]
+            args["load_pretrained_encoder_from"] = None
 
 
 class _TorchForFairseqCheckpoints:
@@ -46,7 +51,7 @@ class _TorchForFairseqCheckpoints:
         if isinstance(state, dict):  # the training args: legacy "args", or "cfg" -> "model"
             record_initialisation(state.get("args"))
             cfg = state.get("cfg")
-            if isinstance(cfg, dict):
+            if isinstance(cfg, MutableMapping):
                 record_initialisation(cfg.get("model"))
         return state
 

@@ -1,7 +1,7 @@
 """Simultaneous text-to-text recipe: prepare -> train -> evaluate with SimulEval.
 
-    python scripts/t2t_recipe.py prepare --corpus ../data/en-de.{split}.tsv --src en --tgt de \
-        --out work/en-de
+    python scripts/t2t_recipe.py prepare --corpus data/gettext-mt-full/en-de.{split}.tsv \
+        --src en --tgt de --out work/en-de
     python scripts/t2t_recipe.py train --data work/en-de --attn-type leap --waitk 3
     python scripts/t2t_recipe.py evaluate --data work/en-de --attn-types leap,softmax --waitk 3,5
     python scripts/t2t_recipe.py demo          # all three on the built-in slice (make demo)

@@ -517,8 +517,12 @@ def test_stream_refuses_nan_or_inf_samples(speech_data, speech_checkpoint):
     assert stream.samples_pushed == 0  # refused before anything was read
 
 
-def speech_eval(root: Path, wavs: Sequence[Path]) -> Path:
-    """``root`` as the s2t recipe's data directory for ``wavs``."""
+def speech_eval(root: Path, speech_data: Path, wavs: Sequence[Path]) -> Path:
+    """``root`` as the s2t recipe's data directory for ``wavs``, with the data config,
+    vocabulary, SentencePiece model and CMVN of ``speech_data`` linked in (which stays as the
+    module's other tests expect it)."""
+    for name in ("gcmvn.npz", "spm_st.model", "spm_st.txt", "config_st.yaml"):
+        (root / name).symlink_to(speech_data / name)
     (root / "eval.wav_list").write_text("".join(f"{wav}\n" for wav in wavs))
     (root / "eval.de").write_text("".join("ein Satz\n" for _ in wavs), encoding="utf-8")
     (root / "recipe.json").write_text(json.dumps({"lang": "de"}))
@@ -544,10 +548,8 @@ def test_stereo_is_refused_by_name_and_downmixed_on_request(speech_data, speech_
             write_wav(tmp_path / "stereo.wav", np.stack([mono + difference, mono - difference],
                                                         axis=1)),
             write_wav(tmp_path / "short.wav", noise(0.01, 9))]
-    data = speech_eval(tmp_path, wavs)
+    data = speech_eval(tmp_path, speech_data, wavs)
     listing = data / "eval.wav_list"
-    for name in ("gcmvn.npz", "spm_st.model", "spm_st.txt", "config_st.yaml"):
-        (data / name).symlink_to(speech_data / name)
 
     done = speech_agent_run(data, speech_checkpoint, tmp_path / "refused")
     assert done.returncode == 1
@@ -568,8 +570,8 @@ def test_stereo_is_refused_by_name_and_downmixed_on_request(speech_data, speech_
 
 
 def test_s2t_evaluate_reports_a_run_that_wrote_nothing(speech_data, speech_checkpoint, tmp_path):
-    data = speech_eval(speech_data, [write_wav(tmp_path / f"{i}.wav", noise(1.0, i))
-                                     for i in range(2)])
+    data = speech_eval(tmp_path, speech_data, [write_wav(tmp_path / f"{i}.wav", noise(1.0, i))
+                                               for i in range(2)])
     output = tmp_path / "eval"
     message = refusal(s2t_recipe.simuleval, data, speech_checkpoint, output, 1000, 200, 0,
                       False, ["--max-len-a", "0", "--max-len-b", "1"])

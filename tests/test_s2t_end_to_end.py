@@ -103,17 +103,16 @@ def load_speech_agent_class():
     return module.LeaPWaitkSpeechAgent
 
 
-def test_agent_finishes_with_the_source_and_does_not_leak(demo):
+def test_agent_finishes_with_the_source_and_does_not_leak(demo, one_torch_thread):
     """SimulEval's own agent API (pushpop of 100 ms SpeechSegments), three utterances in a row,
     reset only when the agent writes finished=True, as SimulEval's evaluator does: finished=True
     comes exactly with the last segment, and every utterance's words equal offline decoding of
     that utterance alone, so nothing leaks from one utterance into the next."""
     agent_class = load_speech_agent_class()
-    threads = torch.get_num_threads()  # the agent sets it; restored below
     checkpoint = demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"
     agent = agent_class(argparse.Namespace(
         checkpoint=str(checkpoint), data_dir=str(demo), config_yaml="config_st.yaml",
-        waitk=None, max_len_a=3.0, max_len_b=10, recompute=False, device="cpu", threads=threads,
+        waitk=None, max_len_a=3.0, max_len_b=10, recompute=False, device="cpu", threads=1,
         eos_before_end=False, downmix=False))
     model, task = load_streaming_model(str(checkpoint), str(demo),
                                        overrides={"config_yaml": "config_st.yaml"})
@@ -137,10 +136,14 @@ def test_agent_finishes_with_the_source_and_does_not_leak(demo):
         expected = spm.decode_pieces([task.target_dictionary[t] for t in tokens
                                       if t != task.target_dictionary.eos()])
         assert " ".join(written).split() == expected.split(), wav
-    with pytest.raises(ValueError, match="8000 Hz"):
+    with pytest.raises(ValueError, match="utterance 3: push_audio: 1 of 800 samples are NaN or "
+                                         "inf"):
+        agent.pushpop(SpeechSegment(index=0, content=[0.0] * 799 + [float("nan")],
+                                    sample_rate=16000, finished=False))
+    with pytest.raises(ValueError, match="utterance 3: audio at 8000 Hz; this agent reads "
+                                         "16000 Hz"):
         agent.pushpop(SpeechSegment(index=0, content=[0.0] * 800, sample_rate=8000,
                                     finished=False))
-    torch.set_num_threads(threads)
 
 
 def run(command, timeout=300):

@@ -334,3 +334,12 @@ def test_audio_too_short_for_one_frame_translates_to_nothing(cmvn):
         stream.push_audio(samples)
         stream.finish_source()
         assert stream.predict() == dictionary.eos() and stream.finished
+
+
+def test_push_audio_after_the_end_is_named():
+    model, _ = build_s2t_model("leap")
+    stream = model.eval().start_stream()
+    stream.push_audio(torch.zeros(1600))
+    stream.finish_source()
+    with pytest.raises(RuntimeError, match="push_audio after finish_source"):
+        stream.push_audio(torch.zeros(160))

@@ -259,3 +259,20 @@ def test_predict_before_wait_k_is_an_error():
     stream.push_source([5, 6])
     with pytest.raises(RuntimeError, match="wait-3 needs 3 source units"):
         stream.predict()
+
+
+def test_stream_misuse_is_named():
+    """A model in training mode, predicting after EOS and pushing after the end are refused,
+    each naming what was wrong."""
+    model, dictionary = build_waitk_model("leap", waitk=1)
+    with pytest.raises(ValueError, match=r"streaming needs the model in eval mode"):
+        model.train().start_stream()
+    stream = model.eval().start_stream()
+    stream.push_source([5, 6])
+    stream.finish_source()
+    with pytest.raises(RuntimeError, match="push_source after finish_source"):
+        stream.push_source([7])
+    while not stream.finished:
+        stream.predict()
+    with pytest.raises(RuntimeError, match="predict after EOS"):
+        stream.predict()

@@ -193,13 +193,13 @@ class WaitkStream(_WaitkDecoding):
             raise RuntimeError("push_source after finish_source")
         if len(tokens) == 0:
             return
-        start = self.source_length
-        self.source_length += len(tokens)
         if self.recompute:
             self.source.extend(int(t) for t in tokens)
-            return
-        new = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        self._append_encoded(self.model.encoder.forward_new_tokens(new, start, self.encoder_state))
+        else:  # counted once encoded: a refused push (e.g. past the positions) reads nothing
+            new = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+            self._append_encoded(self.model.encoder.forward_new_tokens(
+                new, self.source_length, self.encoder_state))
+        self.source_length += len(tokens)
 
     def finish_source(self) -> None:
         """End of source: push EOS (as in training data); from now on everything is visible."""

@@ -464,7 +464,11 @@ class LeaPMultiheadAttention(MultiheadAttention):
         if padding_mask is None:
             padding_mask = torch.zeros(bsz, length, dtype=torch.bool, device=device)
         positions = ops.positions_from_padding(padding_mask, 0 if start is None else start)
-        if positions.numel() and int(positions.max()) >= self.cosformer_max_positions:
+        # positions of a parallel call are < length: only incremental calls and sequences of M
+        # or more rows need the exact maximum (a device sync on GPU)
+        may_pass = start is not None or length > self.cosformer_max_positions
+        if may_pass and positions.numel() and \
+                int(positions.max()) >= self.cosformer_max_positions:
             raise ValueError(
                 f"cosFormer position {int(positions.max())} is past --cosformer-max-positions "
                 f"{self.cosformer_max_positions} (p = i / M must stay in [0, 1))")

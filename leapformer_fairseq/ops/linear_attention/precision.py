@@ -27,7 +27,8 @@ def current_autocast(device_type: str) -> Callable[[], AbstractContextManager]:
     if not torch.amp.is_autocast_available(device_type):
         return nullcontext
     return partial(torch.autocast, device_type, dtype=torch.get_autocast_dtype(device_type),
-                   enabled=torch.is_autocast_enabled(device_type))
+                   enabled=torch.is_autocast_enabled(device_type),
+                   cache_enabled=torch.is_autocast_cache_enabled())
 
 
 @contextmanager
