@@ -3,13 +3,16 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup test benchmark demo
+.PHONY: setup test lint benchmark demo
 
 setup:
 	bash scripts/setup_env.sh
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 benchmark: setup
 	$(PYTHON) benchmarks/attention.py

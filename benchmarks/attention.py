@@ -237,7 +237,8 @@ def summarise(train: List[Dict], decode: List[Dict], lengths: List[int]) -> Dict
                 "leap_memory_saving_vs_fairseq_softmax_weights":
                     ratio(lookup("fairseq_softmax_weights", causal, n, "peak_bytes"), leap_peak),
                 "leap_speedup_vs_sdpa": ratio(lookup("sdpa", causal, n, "time_s"), leap_time),
-                "leap_time_vs_cosformer": ratio(leap_time, lookup("cosformer", causal, n, "time_s")),
+                "leap_time_vs_cosformer": ratio(leap_time,
+                                                lookup("cosformer", causal, n, "time_s")),
             }
         if by_length:
             name = "causal" if causal else "bidirectional"
@@ -302,8 +303,8 @@ def markdown(report: Dict) -> str:
         lines.append(f"| {LABELS[method]} step | "
                      + " | ".join(fmt_time(r.get("step_time_s")) for r in rows) + " |")
         lines.append(f"| {LABELS[method]} state | "
-                     + " | ".join("-" if "state_bytes" not in r else f"{r['state_bytes'] / 1024:.0f}"
-                                  for r in rows) + " |")
+                     + " | ".join("-" if "state_bytes" not in r
+                                  else f"{r['state_bytes'] / 1024:.0f}" for r in rows) + " |")
     lines += ["", "## Summary: LeaP against the others, ratios measured in this run", "",
               "| attention | length | speed-up vs fairseq softmax | memory saving vs fairseq "
               "softmax (fused) | memory saving vs fairseq softmax (weights) | speed-up vs SDPA "
@@ -351,7 +352,8 @@ def plot(report: Dict, path: Path) -> None:
                      marker="o", label=LABELS[method])
     axes[4].set(xscale="log", xlabel="position", title="decode step (ms)")
     axes[4].legend(fontsize=8)
-    fig.suptitle(f"Attention benchmark on {report['device']}: {report['machine'].get('gpu') or report['machine']['cpu']}")
+    hardware = report["machine"].get("gpu") or report["machine"]["cpu"]
+    fig.suptitle(f"Attention benchmark on {report['device']}: {hardware}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -385,7 +387,8 @@ def parse_args(argv=None):
                         help="what to measure; a section left out keeps its rows (and their "
                              "command) from the existing report in --out")
     parser.add_argument("--render", metavar="JSON",
-                        help="re-write the summary, Markdown and PNG of a saved run; measure nothing")
+                        help="re-write the summary, Markdown and PNG of a saved run; measure "
+                             "nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)

@@ -82,9 +82,9 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402

@@ -8,8 +8,7 @@ from leapformer_fairseq.compat import allow_fairseq_checkpoints
 
 allow_fairseq_checkpoints()
 
-from leapformer_fairseq import ops  # noqa: E402
+from leapformer_fairseq import models, ops  # noqa: E402  (models registers the architectures)
 from leapformer_fairseq.modules import LeaPMultiheadAttention  # noqa: E402
-from leapformer_fairseq import models  # noqa: E402  (registers the architectures)
 
 __all__ = ["LeaPMultiheadAttention", "allow_fairseq_checkpoints", "models", "ops"]

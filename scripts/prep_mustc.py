@@ -18,7 +18,8 @@ txt/<split>.<lang>}`` and writes to OUT:
 Audio must be 16 kHz mono unless ``--resample`` (down-mix, resample). Segments shorter than
 ``--min-frames`` frames are skipped (and counted). Refused with a message naming the file (and
 line): a missing file, non-UTF-8 text, an empty transcript or translation line, a wav shorter
-than one fbank frame or holding NaN or inf. Every output file is written atomically. fairseq reads the result with
+than one fbank frame or holding NaN or inf. Every output file is written atomically. fairseq
+reads the result with
 
     fairseq-train OUT --task speech_to_text --config-yaml config_st.yaml --train-subset train_st \
         --valid-subset dev_st --required-batch-size-multiple 1 ...

@@ -11,6 +11,7 @@ PY="$VENV/bin/python"
 TORCH_VERSION=2.11.0
 FAIRSEQ_VERSION=0.12.3.1
 SIMULEVAL_VERSION=1.1.4
+RUFF_VERSION=0.17.6
 
 log() { echo "[setup] $*"; }
 
@@ -62,6 +63,10 @@ fi
 if ! installed simuleval "$SIMULEVAL_VERSION" || ! "$PY" -c "import sentencepiece, sacrebleu, soundfile, pytest, matplotlib" 2>/dev/null; then
   log "installing simuleval==$SIMULEVAL_VERSION sentencepiece sacrebleu soundfile pytest matplotlib"
   "$PY" -m pip install -q "simuleval==$SIMULEVAL_VERSION" sentencepiece sacrebleu soundfile pytest matplotlib
+fi
+if ! installed ruff "$RUFF_VERSION"; then  # the linter of `make lint` (settings: ruff.toml)
+  log "installing ruff==$RUFF_VERSION"
+  "$PY" -m pip install -q "ruff==$RUFF_VERSION"
 fi
 if ! "$PY" -m pip show -q leapformer_fairseq >/dev/null 2>&1; then
   log "installing leapformer_fairseq (editable)"

@@ -27,8 +27,13 @@ from simuleval.agents import SpeechToTextAgent
 from simuleval.agents.actions import ReadAction, WriteAction
 from simuleval.utils import entrypoint
 
-from leapformer_fairseq.audio import (FRAME_LENGTH, SAMPLE_RATE, GlobalCMVN, frames_to_mono,
-                                      to_int16_scale)
+from leapformer_fairseq.audio import (
+    FRAME_LENGTH,
+    SAMPLE_RATE,
+    GlobalCMVN,
+    frames_to_mono,
+    to_int16_scale,
+)
 from leapformer_fairseq.models.streaming import RefusedInput, load_streaming_model
 from leapformer_fairseq.pieces import WordAssembler, load_sentencepiece, predict_words
 

@@ -11,6 +11,7 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler
+from test_streaming import state_footprint
 
 import leapformer_fairseq  # noqa: F401  (registers the models)
 from leapformer_fairseq.audio import GlobalCMVN, fbank, to_int16_scale, to_mono_16k
@@ -18,7 +19,6 @@ from leapformer_fairseq.models import LeaPformerS2TTransformerModel, LeaPformerS
 from leapformer_fairseq.models.streaming import speech_waitk_greedy_decode
 from leapformer_fairseq.modules import ATTN_TYPES, LINEAR_ATTN_TYPES
 from leapformer_fairseq.modules.causal_conv_subsampler import CausalConv1dSubsampler
-from test_streaming import state_footprint
 
 SENTENCES = [
     "Emit information about resource usage in sorting.",

@@ -8,6 +8,7 @@ import argparse
 from contextvars import ContextVar
 from typing import Dict, Optional
 
+import torch
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
@@ -23,7 +24,6 @@ from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
-import torch
 from torch import Tensor, nn
 
 from leapformer_fairseq.modules import StreamingSinusoidalPositionalEmbedding, sinusoidal_rows
@@ -226,7 +226,8 @@ class LeaPformerTransformerModel(TransformerModel):
     def build_encoder(cls, cfg, src_dict, embed_tokens):
         args = _ARGS_BEING_BUILT.get()
         return LeaPTransformerEncoder(
-            cfg, src_dict, embed_tokens, attention_config(args, "encoder", causal=cls.causal_encoder)
+            cfg, src_dict, embed_tokens,
+            attention_config(args, "encoder", causal=cls.causal_encoder),
         )
 
     @classmethod

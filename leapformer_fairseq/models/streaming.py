@@ -18,8 +18,7 @@ import yaml
 from fairseq.modules import LearnedPositionalEmbedding
 from torch import Tensor
 
-from leapformer_fairseq.audio import (GlobalCMVN, IncrementalFbank, check_finite, fbank,
-                                      num_frames)
+from leapformer_fairseq.audio import GlobalCMVN, IncrementalFbank, check_finite, fbank, num_frames
 
 
 class RefusedInput(SystemExit, ValueError):

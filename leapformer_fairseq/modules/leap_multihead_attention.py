@@ -20,7 +20,8 @@ IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
 
 def leap_proportion_mlp(head_dim: int, leap_factor: int) -> nn.Sequential:
-    """``LeaP(u) = sigmoid(W2 relu(W1 u + b1) + b2)``, ``W1: d -> d / leap_factor``, ``W2: -> 1``."""
+    """``LeaP(u) = sigmoid(W2 relu(W1 u + b1) + b2)``, ``W1: d -> d / leap_factor``,
+    ``W2: -> 1``."""
     hidden = max(1, head_dim // leap_factor)
     return nn.Sequential(
         nn.Linear(head_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid()
@@ -523,7 +524,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
 
     @staticmethod
     def _is_future_mask(attn_mask: Tensor, length: int) -> bool:
-        """True if ``attn_mask`` blocks exactly the keys after each query (fairseq's future mask)."""
+        """True if ``attn_mask`` blocks exactly the keys after each query (fairseq's future
+        mask)."""
         if attn_mask.shape != (length, length):
             return False
         blocked = attn_mask if attn_mask.dtype == torch.bool else torch.isinf(attn_mask)

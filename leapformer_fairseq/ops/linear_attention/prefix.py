@@ -1,4 +1,5 @@
-"""Prefix-limited form (wait-k cross-attention, docs/math.md §3): query i sees keys ``j < limit[i]``."""
+"""Prefix-limited form (wait-k cross-attention, docs/math.md §3): query i sees keys
+``j < limit[i]``."""
 import torch
 from torch import Tensor
 
