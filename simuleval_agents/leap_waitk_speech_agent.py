@@ -27,6 +27,7 @@ from simuleval.agents import SpeechToTextAgent
 from simuleval.agents.actions import ReadAction, WriteAction
 from simuleval.utils import entrypoint
 
+from leapformer_fairseq.agent_options import add_stream_args, stream_options
 from leapformer_fairseq.audio import (
     FRAME_LENGTH,
     SAMPLE_RATE,
@@ -53,9 +54,7 @@ class LeaPWaitkSpeechAgent(SpeechToTextAgent):
                                       f"--config-yaml {args.config_yaml}")
         cmvn_path = data_cfg.global_cmvn_stats_npz
         self.cmvn = GlobalCMVN.load(cmvn_path) if cmvn_path else None
-        self.stream_options = dict(waitk=args.waitk, max_len_a=args.max_len_a,
-                                   max_len_b=args.max_len_b, recompute=args.recompute,
-                                   eos_before_end=args.eos_before_end)
+        self.stream_options = dict(stream_options(args), eos_before_end=args.eos_before_end)
         self.downmix = args.downmix
         self.source_list = getattr(args, "source", None)
         self.utterance = getattr(args, "start_index", 0)  # index in --source, for messages
@@ -63,30 +62,18 @@ class LeaPWaitkSpeechAgent(SpeechToTextAgent):
 
     @staticmethod
     def add_args(parser: ArgumentParser) -> None:
-        parser.add_argument("--checkpoint", required=True,
-                            help="a leapformer_s2t_waitk checkpoint")
+        add_stream_args(parser, unit="units", max_len_a=3.0)
         parser.add_argument("--data-dir", default=None,
                             help="the speech data directory (config, vocabulary, CMVN stats; "
                                  "default: the checkpoint's training data directory)")
         parser.add_argument("--config-yaml", default="config_st.yaml",
                             help="data config inside --data-dir (default config_st.yaml)")
-        parser.add_argument("--waitk", type=int, default=None,
-                            help="lagging k in source units (default: the model's)")
-        parser.add_argument("--max-len-a", type=float, default=3.0,
-                            help="stop at max-len-a * source units + max-len-b target pieces")
-        parser.add_argument("--max-len-b", type=int, default=10)
         parser.add_argument("--eos-before-end", action="store_true",
                             help="let the model end the translation (EOS) before its wait-k "
                                  "window covers the whole utterance (default: not)")
         parser.add_argument("--downmix", action="store_true",
                             help="average the channels of multi-channel audio (default: "
                                  "refuse it)")
-        parser.add_argument("--threads", type=int, default=1,
-                            help="torch CPU threads (default 1: one sentence's small steps gain "
-                                 "nothing from more, and lose much on a busy machine)")
-        parser.add_argument("--recompute", action="store_true",
-                            help="recompute fbank, encoder and decoder over the whole prefix "
-                                 "at every step (the reference implementation's way)")
 
     def reset(self) -> None:
         super().reset()

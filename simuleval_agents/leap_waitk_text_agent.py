@@ -18,6 +18,7 @@ from simuleval.agents import TextToTextAgent
 from simuleval.agents.actions import ReadAction, WriteAction
 from simuleval.utils import entrypoint
 
+from leapformer_fairseq.agent_options import add_stream_args, stream_options
 from leapformer_fairseq.models.streaming import load_streaming_model
 from leapformer_fairseq.pieces import WordAssembler, load_sentencepiece, predict_words
 
@@ -30,28 +31,16 @@ class LeaPWaitkTextAgent(TextToTextAgent):
         self.model, task = load_streaming_model(args.checkpoint, args.data_bin, args.device)
         self.source_dictionary = task.source_dictionary
         self.target_dictionary = task.target_dictionary
-        self.stream_options = dict(waitk=args.waitk, max_len_a=args.max_len_a,
-                                   max_len_b=args.max_len_b, recompute=args.recompute)
+        self.stream_options = stream_options(args)
         super().__init__(args)  # calls reset()
 
     @staticmethod
     def add_args(parser: ArgumentParser) -> None:
-        parser.add_argument("--checkpoint", required=True, help="a wait-k model checkpoint")
+        add_stream_args(parser, unit="pieces", max_len_a=2.0)
         parser.add_argument("--data-bin", default=None,
                             help="directory with the fairseq dictionaries (default: the "
                                  "checkpoint's training data directory)")
         parser.add_argument("--spm", required=True, help="SentencePiece model of the corpus")
-        parser.add_argument("--waitk", type=int, default=None,
-                            help="lagging k (default: the model's --waitk-lagging)")
-        parser.add_argument("--max-len-a", type=float, default=2.0,
-                            help="stop at max-len-a * source pieces + max-len-b target pieces")
-        parser.add_argument("--max-len-b", type=int, default=10)
-        parser.add_argument("--threads", type=int, default=1,
-                            help="torch CPU threads (default 1: one sentence's small steps gain "
-                                 "nothing from more, and lose much on a busy machine)")
-        parser.add_argument("--recompute", action="store_true",
-                            help="re-encode and re-decode the whole prefix at every step "
-                                 "(the reference implementation's way), for comparison")
 
     def reset(self) -> None:
         super().reset()
