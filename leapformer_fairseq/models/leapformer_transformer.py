@@ -26,7 +26,10 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
-from leapformer_fairseq.modules import StreamingSinusoidalPositionalEmbedding, sinusoidal_rows
+from leapformer_fairseq.modules import (
+    StreamingSinusoidalPositionalEmbedding,
+    sinusoidal_embeddings,
+)
 
 from .attention_config import (
     AttentionConfig,
@@ -55,6 +58,7 @@ def stream_position_rows(embed_positions: nn.Module, start: int, count: int,
     ``(batch_size, count, C)``: the rows fairseq's ``embed_positions`` gives a sequence without
     padding. O(count) work and nothing kept, however long the stream (fairseq's sinusoidal
     module is not called: it would grow its own table to the stream's length).
+    ``count >= 1``.
 
     Raises ``ValueError`` for a position a learned embedding has no row for.
     """
@@ -68,8 +72,7 @@ def stream_position_rows(embed_positions: nn.Module, start: int, count: int,
         rows = positions + embed_positions.padding_idx + 1
         embeddings = embed_positions.weight[rows.to(embed_positions.weight.device)]
     elif isinstance(embed_positions, SinusoidalPositionalEmbedding):
-        embeddings = sinusoidal_rows(positions, embed_positions.embedding_dim,
-                                     embed_positions.padding_idx).to(embed_positions.weights)
+        embeddings = sinusoidal_embeddings(embed_positions, positions)
     else:
         raise TypeError(f"no stream positions for {type(embed_positions).__name__}")
     return embeddings.unsqueeze(0).expand(batch_size, -1, -1)

@@ -5,7 +5,11 @@ from .leap_multihead_attention import (
     LeaPMultiheadAttention,
     leap_proportion_mlp,
 )
-from .streaming_positions import StreamingSinusoidalPositionalEmbedding, sinusoidal_rows
+from .streaming_positions import (
+    StreamingSinusoidalPositionalEmbedding,
+    sinusoidal_embeddings,
+    sinusoidal_rows,
+)
 
 __all__ = [
     "ATTN_TYPES",
@@ -13,5 +17,6 @@ __all__ = [
     "LeaPMultiheadAttention",
     "StreamingSinusoidalPositionalEmbedding",
     "leap_proportion_mlp",
+    "sinusoidal_embeddings",
     "sinusoidal_rows",
 ]

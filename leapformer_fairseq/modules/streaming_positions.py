@@ -31,10 +31,20 @@ def sinusoidal_rows(positions: Tensor, embedding_dim: int, padding_idx: int) -> 
     return embeddings
 
 
+def sinusoidal_embeddings(module: SinusoidalPositionalEmbedding, positions: Tensor) -> Tensor:
+    """The embeddings of token positions ``(n,)`` (CPU, 0 for the first token), ``(n, C)`` on
+    ``module``'s device: rows of its table where the table has them (as fairseq reads them),
+    :func:`sinusoidal_rows` past its end. The table never grows."""
+    rows = positions + module.padding_idx + 1
+    if int(rows.max()) < module.weights.size(0):
+        return module.weights[rows.to(module.weights.device)]
+    return sinusoidal_rows(positions, module.embedding_dim, module.padding_idx).to(module.weights)
+
+
 class StreamingSinusoidalPositionalEmbedding(SinusoidalPositionalEmbedding):
-    """fairseq's sinusoidal positional embedding whose incremental step computes its one row
-    (:func:`sinusoidal_rows`) instead of growing the table to the step's position; parallel
-    calls are fairseq's. No parameters, so checkpoints are unchanged."""
+    """fairseq's sinusoidal positional embedding whose incremental step reads or computes its one
+    row (:func:`sinusoidal_embeddings`) instead of growing the table to the step's position;
+    parallel calls are fairseq's. No parameters, so checkpoints are unchanged."""
 
     def forward(self, input: Tensor, incremental_state: Optional[Any] = None,
                 timestep: Optional[Tensor] = None, positions: Optional[Any] = None) -> Tensor:
@@ -43,5 +53,5 @@ class StreamingSinusoidalPositionalEmbedding(SinusoidalPositionalEmbedding):
         if incremental_state is None or self.onnx_trace:
             return super().forward(input, incremental_state, timestep, positions)
         position = input.size(1) - 1 if timestep is None else int(timestep.view(-1)[0])
-        row = sinusoidal_rows(torch.tensor([position]), self.embedding_dim, self.padding_idx)
-        return row.to(self.weights).unsqueeze(0).expand(input.size(0), 1, -1)
+        row = sinusoidal_embeddings(self, torch.tensor([position]))
+        return row.unsqueeze(0).expand(input.size(0), 1, -1)
