@@ -6,6 +6,9 @@ torch 2.6 made ``torch.load`` default to ``weights_only=True``, which refuses th
 points the modules of fairseq that read its own checkpoints at a ``torch`` whose ``load``
 defaults to ``weights_only=False``. ``torch.load`` itself, and every other caller, is untouched.
 
+Options renamed since a checkpoint was saved are renamed in its args when the model is built
+(:func:`rename_args`, called by each model's ``upgrade_args``), so old checkpoints load.
+
 A model built from a checkpoint's saved args must not read the files it was initialised from in
 training (``--load-pretrained-encoder-from``): they may be gone. :func:`record_initialisation`
 turns that option into a record, both when the encoder is loaded for training and in every
@@ -16,7 +19,7 @@ from argparse import Namespace
 from collections.abc import MutableMapping
 from contextlib import nullcontext
 from types import ModuleType
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from omegaconf import OmegaConf, open_dict
@@ -36,6 +39,29 @@ def record_initialisation(args: Any) -> None:
         with open_dict(args) if OmegaConf.is_config(args) else nullcontext():
             args["encoder_initialized_from"] = args["load_pretrained_encoder_from"]
             args["load_pretrained_encoder_from"] = None
+
+
+def rename_args(args: Any, renames: Mapping[str, str]) -> None:
+    """Move each old option name's value to its new name in model args (a Namespace, or a
+    mapping such as an omegaconf config), and drop the old name. The old name's value is kept
+    where the new name is unset (``None``, or ``False`` for a flag); two different values set
+    under both names are a ``ValueError`` naming both."""
+    values = vars(args) if isinstance(args, Namespace) else args
+    if not isinstance(values, MutableMapping):
+        return
+    with open_dict(values) if OmegaConf.is_config(values) else nullcontext():
+        for old, new in renames.items():
+            if old not in values:
+                continue
+            value = values.pop(old)
+            if value is None:
+                continue
+            if values.get(new) not in (None, False) and values[new] != value:
+                raise ValueError(f"--{old.replace('_', '-')} {value} and "
+                                 f"--{new.replace('_', '-')} {values[new]} are one option "
+                                 f"(the old and the new name); give --{new.replace('_', '-')} "
+                                 "only")
+            values[new] = value
 
 
 class _TorchForFairseqCheckpoints:

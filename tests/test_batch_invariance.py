@@ -117,13 +117,13 @@ def test_text_waitk_training_is_batch_invariant(attn_type):
     assert_batch_invariant(model, dictionary, text_batch)
 
 
-@pytest.mark.parametrize("attn_type,chunk_causal",
+@pytest.mark.parametrize("attn_type,unit_causal",
                          [(attn_type, False) for attn_type in ATTN_TYPES]
                          + [("leap", True), ("softmax", True)])
-def test_speech_waitk_training_is_batch_invariant(attn_type, chunk_causal):
+def test_speech_waitk_training_is_batch_invariant(attn_type, unit_causal):
     """Right-padded features: the causal subsampler, the (chunk-)causal encoder and the wait-k
     key limits on units of 3 encoder frames see each utterance's real frames only."""
     model, dictionary = build("leapformer_s2t_waitk_tiny", attn_type, input_feat_per_channel=80,
-                              input_channels=1, fixed_pre_decision_ratio=3,
-                              chunk_causal_encoder=chunk_causal)
+                              input_channels=1, frames_per_unit=3,
+                              unit_causal_encoder=unit_causal)
     assert_batch_invariant(model, dictionary, speech_batch)

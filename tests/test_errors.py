@@ -366,7 +366,7 @@ def test_unknown_attn_type_and_waitk_below_one_are_refused(capsys):
     from leapformer_fairseq.models import LeaPformerWaitkTransformerModel
 
     with pytest.raises(ValueError, match="--waitk-lagging must be an integer >= 1, got 0"):
-        LeaPformerWaitkTransformerModel.waitk_lagging(parse_training_args("--waitk-lagging", "0"))
+        LeaPformerWaitkTransformerModel.prepare_args(parse_training_args("--waitk-lagging", "0"))
 
 
 # -------------------------------------------------------------------------------- speech

@@ -110,14 +110,19 @@ def test_wait_k_cross_attention_matches_reference(attn_type, per_sentence):
 
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)
-def test_chunk_causal_self_attention_matches_reference(attn_type):
-    module = make_module(attn_type, self_attention=True)
+def test_unit_causal_self_attention_matches_reference(attn_type):
+    """Full attention inside units of 3 positions, causal across them: the module's own
+    ``unit_causal`` and an explicit key limit, both against the reference."""
     x = torch.randn(10, 2, EMBED)
-    chunk = 3  # full attention inside chunks of 3, causal across them
-    limit = ((torch.arange(10) // chunk + 1) * chunk).clamp_max(10)
+    limit = ((torch.arange(10) // 3 + 1) * 3).clamp_max(10)
     allowed = torch.arange(10) < limit.unsqueeze(-1)
+    module = make_module(attn_type, self_attention=True)
     out, _ = module(x, x, x, key_limit=limit)
     assert_close_at(out, reference(module, x, x, None, allowed))
+    unit_causal = make_module(attn_type, self_attention=True, causal=True, unit_causal=True,
+                              frames_per_unit=3)
+    out, _ = unit_causal(x, x, x)
+    assert_close_at(out, reference(unit_causal, x, x, None, allowed))
 
 
 @pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)

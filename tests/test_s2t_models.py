@@ -49,8 +49,8 @@ def cmvn(utterances):
     return GlobalCMVN(features.mean(axis=0), features.std(axis=0))
 
 
-def build_s2t_model(attn_type, model_class=LeaPformerS2TWaitkModel, waitk=2, ratio=3, seed=0,
-                    vocab=24, chunk_causal=False):
+def build_s2t_model(attn_type, model_class=LeaPformerS2TWaitkModel, waitk=2, frames_per_unit=3,
+                    seed=0, vocab=24, unit_causal=False):
     torch.manual_seed(seed)
     dictionary = Dictionary()
     for i in range(vocab):
@@ -58,10 +58,10 @@ def build_s2t_model(attn_type, model_class=LeaPformerS2TWaitkModel, waitk=2, rat
     name = "leapformer_s2t_waitk_tiny" if model_class is LeaPformerS2TWaitkModel \
         else "leapformer_s2t_transformer_tiny"
     args = argparse.Namespace(
-        arch=name, waitk_lagging=waitk, fixed_pre_decision_ratio=ratio,
+        arch=name, waitk_lagging=waitk, frames_per_unit=frames_per_unit,
         encoder_attn_type=attn_type, decoder_attn_type=attn_type, cross_attn_type=attn_type,
         dropout=0.0, input_feat_per_channel=80, input_channels=1, max_source_positions=6000,
-        max_target_positions=1024, chunk_causal_encoder=chunk_causal,
+        max_target_positions=1024, unit_causal_encoder=unit_causal,
     )
     ARCH_CONFIG_REGISTRY[name](args)
     model = model_class.build_model(args, SimpleNamespace(target_dictionary=dictionary))
@@ -118,12 +118,12 @@ def push_in_random_chunks(stream, samples, rng):
 ENCODERS = [(attn_type, False) for attn_type in ATTN_TYPES] + [("leap", True), ("softmax", True)]
 
 
-@pytest.mark.parametrize("attn_type,chunk_causal", ENCODERS)
-def test_streamed_encoder_equals_offline_encoder(attn_type, chunk_causal, utterances, cmvn):
+@pytest.mark.parametrize("attn_type,unit_causal", ENCODERS)
+def test_streamed_encoder_equals_offline_encoder(attn_type, unit_causal, utterances, cmvn):
     """Prefix consistency: audio pushed in random 10-500 ms chunks through fbank, CMVN, the
-    causal subsampler and the encoder (causal, or chunk-causal over 3-frame chunks) gives the
+    causal subsampler and the encoder (causal, or unit-causal over 3-frame units) gives the
     offline encoder's states within 1e-4."""
-    model, _ = build_s2t_model(attn_type, chunk_causal=chunk_causal)
+    model, _ = build_s2t_model(attn_type, unit_causal=unit_causal)
     rng = random.Random(0)
     for samples in utterances:
         features = cmvn(fbank(samples))
@@ -131,7 +131,7 @@ def test_streamed_encoder_equals_offline_encoder(attn_type, chunk_causal, uttera
         offline = offline["encoder_out"][0]
         stream = model.start_stream(cmvn=cmvn)
         push_in_random_chunks(stream, samples, rng)
-        if chunk_causal:  # whole chunks only, so far
+        if unit_causal:  # whole units only, so far
             assert stream.encoded == offline.size(0) // 3 * 3
         stream.finish_source()
         # nothing was predicted, so every encoder state is still pending in the stream
@@ -157,10 +157,10 @@ def stream_translate(model, samples, cmvn, rng, recompute=False, eos_before_end=
     return stream
 
 
-@pytest.mark.parametrize("attn_type,chunk_causal", ENCODERS)
-def test_streamed_decoding_equals_offline_waitk_greedy(attn_type, chunk_causal, utterances,
+@pytest.mark.parametrize("attn_type,unit_causal", ENCODERS)
+def test_streamed_decoding_equals_offline_waitk_greedy(attn_type, unit_causal, utterances,
                                                        cmvn):
-    model, _ = build_s2t_model(attn_type, chunk_causal=chunk_causal)
+    model, _ = build_s2t_model(attn_type, unit_causal=unit_causal)
     # float64, so that no near-tie between two logits can flip a greedy choice between the
     # parallel and the recurrent forms
     model = model.double()
@@ -216,28 +216,30 @@ def speech_stream_footprints(model, steps: int, at) -> dict:
             stream.predict()
         if step in at:
             footprints[step] = state_footprint(stream)
-    chunk = model.encoder.self_attention_config.causal_chunk
-    assert stream.encoded == steps // chunk * chunk  # chunk-causal: whole chunks so far
+    attention = model.encoder.self_attention_config
+    unit = attention.frames_per_unit if attention.unit_causal else 1
+    assert stream.encoded == steps // unit * unit  # unit-causal: whole units so far
     assert len(stream.target) == steps // 3 - 1  # wait-2 on units of 3 frames
     return footprints
 
 
-@pytest.mark.parametrize("attn_type,chunk_causal",
+@pytest.mark.parametrize("attn_type,unit_causal",
                          [(attn_type, False) for attn_type in LINEAR_ATTN_TYPES] + [("leap", True)])
-def test_every_stream_state_entry_is_bounded_over_1000_steps(attn_type, chunk_causal):
-    """1,000 pushes of 40 ms (40 s of audio): subsampler, encoder (chunk-causal: with its
-    incomplete chunk) and decoder states hold exactly as many entries and bytes after push 100
+def test_every_stream_state_entry_is_bounded_over_1000_steps(attn_type, unit_causal):
+    """1,000 pushes of 40 ms (40 s of audio): subsampler, encoder (unit-causal: with its
+    incomplete unit) and decoder states hold exactly as many entries and bytes after push 100
     as after push 1,000. Softmax is left out: its key/value caches grow by design, as the text
     stream's contrast test shows."""
-    model, _ = build_s2t_model(attn_type, chunk_causal=chunk_causal)
+    model, _ = build_s2t_model(attn_type, unit_causal=unit_causal)
     footprints = speech_stream_footprints(model, 1000, at=(100, 1000))
     assert footprints[100] == footprints[1000]
 
 
 # ----------------------------------------------------------------------- wait-k in training
 def test_training_cross_attention_follows_the_unit_schedule():
-    """Target token i depends on encoder frames < (i + k) * r, and on the last of them."""
-    model, _ = build_s2t_model("leap", waitk=2, ratio=3)
+    """Target token i depends on encoder frames < (i + k) * frames_per_unit, and on the last of
+    them."""
+    model, _ = build_s2t_model("leap", waitk=2, frames_per_unit=3)
     features = torch.randn(1, 120, 80)
     encoder_out = model.encoder(features, torch.tensor([120]))
     frames = encoder_out["encoder_out"][0]
@@ -256,15 +258,15 @@ def test_training_cross_attention_follows_the_unit_schedule():
         assert not torch.allclose(logits_with(last)[0, i], logits[0, i], atol=1e-4)
 
 
-def test_chunk_causal_encoder_sees_its_chunk_only():
-    """Chunk-causal over 3-frame chunks: frame t depends on frames up to the end of its chunk,
+def test_unit_causal_encoder_sees_its_unit_only():
+    """Unit-causal over 3-frame units: frame t depends on frames up to the end of its unit,
     not beyond."""
-    model, _ = build_s2t_model("leap", chunk_causal=True)
+    model, _ = build_s2t_model("leap", unit_causal=True)
     encoder = model.encoder
     x = torch.randn(1, 60, 80)
     base = encoder(x, torch.tensor([60]))["encoder_out"][0]
     # the causal convs make subsampled frame j read features 0 .. 4j: changing features 20..
-    # changes frame 5 first, and through attention its chunk-mates 3 and 4, not frames 0..2
+    # changes frame 5 first, and through attention its unit-mates 3 and 4, not frames 0..2
     changed = x.clone()
     changed[:, 20:] += 1.0
     out = encoder(changed, torch.tensor([60]))["encoder_out"][0]
@@ -280,22 +282,48 @@ def test_offline_model_and_options():
     assert out["encoder_out"][0].shape == (13, 2, 64)
     with pytest.raises(ValueError, match="--waitk-lagging"):
         build_s2t_model("leap", waitk=0)
-    for ratio in (0, -1):
-        with pytest.raises(ValueError, match=f"--fixed-pre-decision-ratio must be > 0, got "
-                                             f"{ratio}"):
-            build_s2t_model("leap", ratio=ratio)
-    unset, _ = build_s2t_model("leap", ratio=None)
-    assert unset.decoder.cross_attention_config.waitk_stride == 9
+    for units in (0, -1):
+        with pytest.raises(ValueError, match=f"--frames-per-unit must be > 0, got {units}"):
+            build_s2t_model("leap", frames_per_unit=units)
+    unset, _ = build_s2t_model("leap", frames_per_unit=None)
+    assert unset.decoder.cross_attention_config.frames_per_unit == 9
 
 
-def test_pre_decision_ratio_zero_is_refused_on_the_command_line(capsys):
+def test_frames_per_unit_zero_is_refused_on_the_command_line(capsys):
     parser = argparse.ArgumentParser()
     LeaPformerS2TWaitkModel.add_args(parser)
-    assert parser.parse_args(["--fixed-pre-decision-ratio", "4"]).fixed_pre_decision_ratio == 4
+    assert parser.parse_args(["--frames-per-unit", "4"]).frames_per_unit == 4
     with pytest.raises(SystemExit):
-        parser.parse_args(["--fixed-pre-decision-ratio", "0"])
-    assert ("argument --fixed-pre-decision-ratio: --fixed-pre-decision-ratio must be > 0, got 0"
-            in capsys.readouterr().err)
+        parser.parse_args(["--frames-per-unit", "0"])
+    assert ("argument --frames-per-unit/--fixed-pre-decision-ratio: --frames-per-unit must be "
+            "> 0, got 0" in capsys.readouterr().err)
+
+
+def test_old_option_names_are_aliases_on_the_command_line_and_in_saved_args():
+    """``--fixed-pre-decision-ratio`` and ``--chunk-causal-encoder`` (the names before
+    ``--frames-per-unit`` and ``--unit-causal-encoder``) parse to the new options, and args saved
+    under the old names build the same model."""
+    parser = argparse.ArgumentParser()
+    LeaPformerS2TWaitkModel.add_args(parser)
+    parsed = parser.parse_args(["--fixed-pre-decision-ratio", "4", "--chunk-causal-encoder"])
+    assert (parsed.frames_per_unit, parsed.unit_causal_encoder) == (4, True)
+    new, _ = build_s2t_model("leap", frames_per_unit=4, unit_causal=True)
+    saved = argparse.Namespace(arch="leapformer_s2t_waitk_tiny", waitk_lagging=2,
+                               fixed_pre_decision_ratio=4, chunk_causal_encoder=True,
+                               frames_per_unit=None, unit_causal_encoder=False,
+                               input_feat_per_channel=80, input_channels=1)
+    ARCH_CONFIG_REGISTRY[saved.arch](saved)
+    torch.manual_seed(0)
+    task = SimpleNamespace(target_dictionary=new.decoder.dictionary)
+    old = LeaPformerS2TWaitkModel.build_model(saved, task)
+    assert (saved.frames_per_unit, saved.unit_causal_encoder) == (4, True)
+    assert not hasattr(saved, "fixed_pre_decision_ratio")
+    assert old.encoder.self_attention_config == new.encoder.self_attention_config
+    assert old.decoder.cross_attention_config == new.decoder.cross_attention_config
+    conflicting = argparse.Namespace(fixed_pre_decision_ratio=4, frames_per_unit=5)
+    with pytest.raises(ValueError, match="--fixed-pre-decision-ratio 4 and --frames-per-unit 5 "
+                                         "are one option"):
+        LeaPformerS2TWaitkModel.upgrade_args(conflicting)
 
 
 def test_missing_pretrained_encoder_is_an_error(tmp_path):

@@ -29,16 +29,16 @@ class AttentionConfig:
     eps: float = 0.1
     cosformer_max_positions: int = 1024
     causal: bool = False
+    frames_per_unit: int = 1
     waitk_lagging: Optional[int] = None
-    waitk_stride: int = 1
-    causal_chunk: int = 1
+    unit_causal: bool = False
 
     def build(self, embed_dim: int, num_heads: int, **kwargs) -> LeaPMultiheadAttention:
         return LeaPMultiheadAttention(
             embed_dim, num_heads, attn_type=self.attn_type, leap_factor=self.leap_factor,
             eps=self.eps, cosformer_max_positions=self.cosformer_max_positions,
-            causal=self.causal, waitk_lagging=self.waitk_lagging, waitk_stride=self.waitk_stride,
-            causal_chunk=self.causal_chunk, **kwargs,
+            causal=self.causal, frames_per_unit=self.frames_per_unit,
+            waitk_lagging=self.waitk_lagging, unit_causal=self.unit_causal, **kwargs,
         )
 
 
@@ -113,17 +113,18 @@ def resolve_attention_types(args: argparse.Namespace) -> None:
 
 
 def attention_config(
-    args: argparse.Namespace, block: str, causal: bool = False,
-    waitk_lagging: Optional[int] = None, waitk_stride: int = 1, causal_chunk: int = 1,
+    args: argparse.Namespace, block: str, causal: bool = False, frames_per_unit: int = 1,
+    waitk_lagging: Optional[int] = None, unit_causal: bool = False,
 ) -> AttentionConfig:
-    """The settings of one block (``encoder``, ``decoder`` or ``cross``) from resolved args."""
+    """The settings of one block (``encoder``, ``decoder`` or ``cross``) from resolved args
+    (a Namespace, or the ``TransformerConfig`` fairseq makes of one)."""
     return AttentionConfig(
         attn_type=getattr(args, ATTENTION_BLOCKS[block][0]),
         leap_factor=args.leap_factor,
         eps=args.leap_eps,
         cosformer_max_positions=args.cosformer_max_positions,
         causal=causal,
+        frames_per_unit=frames_per_unit,
         waitk_lagging=waitk_lagging,
-        waitk_stride=waitk_stride,
-        causal_chunk=causal_chunk,
+        unit_causal=unit_causal,
     )

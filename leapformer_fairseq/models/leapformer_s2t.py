@@ -3,8 +3,8 @@
 ``leapformer_s2t_transformer``: offline; fairseq's 2 x Conv1d stride-2 subsampler, then a LeaP
 encoder (bidirectional) and decoder.
 ``leapformer_s2t_waitk``: simultaneous; a causal subsampler that keeps its own left context, a
-causal LeaP encoder, and wait-k cross-attention on source units of ``r`` encoder frames
-(``--fixed-pre-decision-ratio r``): target token i sees encoder frames ``0 .. (i + k) * r - 1``
+causal LeaP encoder, and wait-k cross-attention on source units of ``--frames-per-unit``
+encoder frames: target token i sees encoder frames ``0 .. (i + k) * frames_per_unit - 1``
 in training exactly as in streaming
 (:class:`~leapformer_fairseq.models.streaming.SpeechWaitkStream`).
 """
@@ -41,12 +41,12 @@ from .attention_config import (
     attention_config,
     check_positive,
     positive,
-    resolve_attention_types,
 )
 from .leapformer_transformer import (
+    LeaPAttentionBlocks,
     LeaPEncoderLayer,
-    LeaPTransformerDecoder,
     _wrap_layer,
+    check_waitk_lagging,
     stream_position_rows,
 )
 from .streaming import SpeechWaitkStream
@@ -62,23 +62,22 @@ class LeaPS2TEncoder(FairseqEncoder):
     encoder dict with ``encoder_out = [(T', B, C)]``.
     """
 
-    def __init__(self, args: argparse.Namespace, self_attention: AttentionConfig,
+    def __init__(self, cfg: TransformerConfig, self_attention: AttentionConfig,
                  subsampler: nn.Module):
         super().__init__(None)
         self.self_attention_config = self_attention
         self.subsampler = subsampler
-        self.dropout_module = FairseqDropout(p=args.dropout, module_name=type(self).__name__)
-        self.embed_scale = 1.0 if args.no_scale_embedding else math.sqrt(args.encoder_embed_dim)
+        self.dropout_module = FairseqDropout(p=cfg.dropout, module_name=type(self).__name__)
+        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.encoder.embed_dim)
         self.padding_idx = 1
         self.embed_positions = PositionalEmbedding(
-            args.max_source_positions, args.encoder_embed_dim, self.padding_idx
+            cfg.max_source_positions, cfg.encoder.embed_dim, self.padding_idx
         )
-        cfg = TransformerConfig.from_namespace(args)
         self.layers = nn.ModuleList(
             _wrap_layer(LeaPEncoderLayer(cfg, self_attention), cfg)
-            for _ in range(args.encoder_layers)
+            for _ in range(cfg.encoder.layers)
         )
-        self.layer_norm = LayerNorm(args.encoder_embed_dim) if args.encoder_normalize_before \
+        self.layer_norm = LayerNorm(cfg.encoder.embed_dim) if cfg.encoder.normalize_before \
             else None
 
     def forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False):
@@ -108,27 +107,27 @@ class LeaPS2TEncoder(FairseqEncoder):
 
         Returns the new encoder states ``(n', B, C)`` (``n'`` about ``n / 4``), equal to the
         matching rows of ``forward`` on the whole stream. The encoder's own buffer
-        (``stream``) holds the count of frames encoded, ``(1,)``, and, chunk-causal, the
-        frames of the incomplete chunk, ``(< r, B, C)``.
+        (``stream``) holds the count of frames encoded, ``(1,)``, and, unit-causal, the
+        frames of the incomplete unit, ``(< frames_per_unit, B, C)``.
         """
         if not self.self_attention_config.causal:
             raise ValueError("streaming needs a causal encoder (leapformer_s2t_waitk)")
         if not isinstance(self.subsampler, CausalConv1dSubsampler):
             raise ValueError("streaming needs the causal subsampler (leapformer_s2t_waitk)")
         x = self.subsampler.forward_incremental(features, incremental_state)
-        chunk = self.self_attention_config.causal_chunk
-        if chunk > 1:  # chunk-causal: a chunk's frames are encoded once the chunk is complete
+        attention = self.self_attention_config
+        if attention.unit_causal:  # a unit's frames are encoded once the unit is complete
             buffer = self._stream_buffer(incremental_state)
             waiting = buffer.get("frames_waiting")
             x = x if waiting is None else torch.cat([waiting, x])
-            whole = x.size(0) // chunk * chunk
+            whole = x.size(0) // attention.frames_per_unit * attention.frames_per_unit
             buffer["frames_waiting"] = x[whole:]
             self.set_incremental_state(incremental_state, "stream", buffer)
             x = x[:whole]
         return self._encode_frames(x, incremental_state)
 
     def finish_stream(self, incremental_state: Dict) -> Optional[Tensor]:
-        """End of a stream: encode the frames of a last, incomplete chunk (chunk-causal
+        """End of a stream: encode the frames of a last, incomplete unit (unit-causal
         encoders); ``(n, B, C)``, or ``None`` when no frame is waiting."""
         buffer = self._stream_buffer(incremental_state)
         waiting = buffer.pop("frames_waiting", None)
@@ -172,7 +171,7 @@ class LeaPS2TEncoder(FairseqEncoder):
 
 
 @register_model("leapformer_s2t_transformer")
-class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
+class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderModel):
     """Speech-to-text transformer with LeaP (or cosFormer, linear, softmax) attention blocks."""
 
     @staticmethod
@@ -183,31 +182,18 @@ class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
     subsampler_class = Conv1dSubsampler
 
     @classmethod
-    def build_subsampler(cls, args) -> nn.Module:
+    def build_subsampler(cls, cfg: TransformerConfig) -> nn.Module:
         return cls.subsampler_class(
-            args.input_feat_per_channel * args.input_channels, args.conv_channels,
-            args.encoder_embed_dim, [int(k) for k in args.conv_kernel_sizes.split(",")],
+            cfg.input_feat_per_channel * cfg.input_channels, cfg.conv_channels,
+            cfg.encoder.embed_dim, [int(k) for k in cfg.conv_kernel_sizes.split(",")],
         )
 
     @classmethod
-    def cross_attention(cls, args) -> AttentionConfig:
-        return attention_config(args, "cross")
-
-    @classmethod
-    def encoder_attention(cls, args) -> AttentionConfig:
-        return attention_config(args, "encoder")
-
-    @classmethod
-    def build_encoder(cls, args) -> LeaPS2TEncoder:
-        """The encoder, initialised from ``--load-pretrained-encoder-from`` when given.
-
-        The option is consumed: once the weights are loaded it is cleared from ``args`` (the
-        args the trainer saves in every checkpoint) and kept as ``encoder_initialized_from``
-        (:func:`~leapformer_fairseq.compat.record_initialisation`), so loading the checkpoint
-        later never reads the pretrained file again.
-        """
-        encoder = LeaPS2TEncoder(args, cls.encoder_attention(args), cls.build_subsampler(args))
-        pretrained = getattr(args, "load_pretrained_encoder_from", None)
+    def build_encoder(cls, cfg: TransformerConfig) -> LeaPS2TEncoder:
+        """The encoder, initialised from ``--load-pretrained-encoder-from`` when given
+        (``build_model`` then records the option as consumed)."""
+        encoder = LeaPS2TEncoder(cfg, cls.encoder_attention(cfg), cls.build_subsampler(cfg))
+        pretrained = getattr(cfg, "load_pretrained_encoder_from", None)
         if pretrained:
             if not Path(pretrained).is_file():
                 raise FileNotFoundError(
@@ -215,21 +201,27 @@ class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
             encoder = checkpoint_utils.load_pretrained_component_from_model(
                 component=encoder, checkpoint=pretrained)
             logger.info(f"loaded the encoder from {pretrained}")
-            record_initialisation(args)
         return encoder
 
     @classmethod
     def build_model(cls, args, task):
+        """As fairseq's transformer builds itself: args -> ``TransformerConfig`` ->
+        ``build_encoder`` and ``build_decoder``.
+
+        ``--load-pretrained-encoder-from`` is consumed: once the encoder is loaded, the option
+        is cleared from ``args`` (the args the trainer saves in every checkpoint) and kept as
+        ``encoder_initialized_from``
+        (:func:`~leapformer_fairseq.compat.record_initialisation`), so loading the checkpoint
+        later never reads the pretrained file again.
+        """
         s2t_base(args)
-        resolve_attention_types(args)
+        cls.prepare_args(args)
         cfg = TransformerConfig.from_namespace(args)
+        encoder = cls.build_encoder(cfg)
+        record_initialisation(args)
         tgt_dict = task.target_dictionary
-        embed_tokens = Embedding(len(tgt_dict), args.decoder_embed_dim, tgt_dict.pad())
-        decoder = LeaPTransformerDecoder(
-            cfg, tgt_dict, embed_tokens, attention_config(args, "decoder", causal=True),
-            cls.cross_attention(args),
-        )
-        return cls(cls.build_encoder(args), decoder)
+        embed_tokens = Embedding(len(tgt_dict), cfg.decoder.embed_dim, tgt_dict.pad())
+        return cls(encoder, cls.build_decoder(cfg, tgt_dict, embed_tokens))
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens):
         encoder_out = self.encoder(src_tokens=src_tokens, src_lengths=src_lengths)
@@ -239,42 +231,47 @@ class LeaPformerS2TTransformerModel(FairseqEncoderDecoderModel):
 @register_model("leapformer_s2t_waitk")
 class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
     """Simultaneous speech-to-text: causal subsampler and encoder, wait-k cross-attention on
-    units of ``--fixed-pre-decision-ratio`` encoder frames."""
+    units of ``--frames-per-unit`` encoder frames."""
 
     subsampler_class = CausalConv1dSubsampler
+    renamed_args = {"fixed_pre_decision_ratio": "frames_per_unit",
+                    "chunk_causal_encoder": "unit_causal_encoder"}
 
     @staticmethod
     def add_args(parser):
         LeaPformerS2TTransformerModel.add_args(parser)
         parser.add_argument("--waitk-lagging", type=int, metavar="K",
                             help="wait-k lagging in source units (required, >= 1)")
-        parser.add_argument("--fixed-pre-decision-ratio",
-                            type=positive(int, "--fixed-pre-decision-ratio"), metavar="R",
-                            help="encoder frames (40 ms each) per source unit (default 9)")
-        parser.add_argument("--chunk-causal-encoder", action="store_true",
-                            help="encoder self-attention sees its whole pre-decision chunk of "
-                                 "R frames and the chunks before (default: causal)")
-
-    @staticmethod
-    def pre_decision_ratio(args) -> int:
-        ratio = getattr(args, "fixed_pre_decision_ratio", None)
-        ratio = 9 if ratio is None else check_positive("--fixed-pre-decision-ratio", ratio)
-        args.fixed_pre_decision_ratio = ratio
-        return ratio
+        parser.add_argument("--frames-per-unit", "--fixed-pre-decision-ratio",
+                            dest="frames_per_unit", type=positive(int, "--frames-per-unit"),
+                            metavar="N",
+                            help="encoder frames (40 ms each) per source unit, the step of the "
+                                 "wait-k schedule (default 9: 360 ms). Old name: "
+                                 "--fixed-pre-decision-ratio")
+        parser.add_argument("--unit-causal-encoder", "--chunk-causal-encoder",
+                            dest="unit_causal_encoder", action="store_true",
+                            help="encoder self-attention sees its whole unit of N frames and the "
+                                 "units before (default: causal). Old name: "
+                                 "--chunk-causal-encoder")
 
     @classmethod
-    def encoder_attention(cls, args) -> AttentionConfig:
-        chunk = cls.pre_decision_ratio(args) if getattr(args, "chunk_causal_encoder", False) \
-            else 1
-        return attention_config(args, "encoder", causal=True, causal_chunk=chunk)
+    def prepare_args(cls, args: argparse.Namespace) -> None:
+        """Also: ``--frames-per-unit`` unset is 9, and ``--waitk-lagging`` is required."""
+        super().prepare_args(args)
+        units = getattr(args, "frames_per_unit", None)
+        args.frames_per_unit = 9 if units is None else check_positive("--frames-per-unit", units)
+        check_waitk_lagging(args)
 
     @classmethod
-    def cross_attention(cls, args) -> AttentionConfig:
-        lagging = getattr(args, "waitk_lagging", None)
-        if lagging is None or lagging < 1:
-            raise ValueError(f"--waitk-lagging must be an integer >= 1, got {lagging}")
-        return attention_config(args, "cross", waitk_lagging=lagging,
-                                waitk_stride=cls.pre_decision_ratio(args))
+    def encoder_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
+        unit_causal = bool(getattr(cfg, "unit_causal_encoder", False))
+        return attention_config(cfg, "encoder", causal=True, unit_causal=unit_causal,
+                                frames_per_unit=cfg.frames_per_unit if unit_causal else 1)
+
+    @classmethod
+    def cross_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
+        return attention_config(cfg, "cross", waitk_lagging=cfg.waitk_lagging,
+                                frames_per_unit=cfg.frames_per_unit)
 
     def start_stream(self, cmvn: Optional[GlobalCMVN] = None, **options) -> SpeechWaitkStream:
         """A simultaneous wait-k greedy decoding of one utterance (see

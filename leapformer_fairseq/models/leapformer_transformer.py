@@ -5,8 +5,7 @@
 target token i attends source tokens ``0 .. i + k - 1`` in training exactly as in streaming.
 """
 import argparse
-from contextvars import ContextVar
-from typing import Dict, Optional
+from typing import Dict, Mapping
 
 import torch
 from fairseq.distributed import fsdp_wrap
@@ -26,6 +25,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
+from leapformer_fairseq.compat import rename_args
 from leapformer_fairseq.modules import (
     StreamingSinusoidalPositionalEmbedding,
     sinusoidal_embeddings,
@@ -38,10 +38,6 @@ from .attention_config import (
     resolve_attention_types,
 )
 from .streaming import WaitkStream
-
-# fairseq's TransformerModel.build_model hands build_encoder/decoder a TransformerConfig, which
-# has no field for our options; the args of the model being built travel here instead.
-_ARGS_BEING_BUILT: ContextVar[argparse.Namespace] = ContextVar("leapformer_args_being_built")
 
 
 def _wrap_layer(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
@@ -201,11 +197,61 @@ class LeaPTransformerDecoder(TransformerDecoderBase):
             layer.encoder_attn.extend_source(incremental_state, encoder_states, encoder_states)
 
 
-@register_model("leapformer_transformer")
-class LeaPformerTransformerModel(TransformerModel):
-    """fairseq's transformer with LeaP (or cosFormer, linear, softmax) attention blocks."""
+class LeaPAttentionBlocks:
+    """How both model families (text and speech) build their attention blocks.
 
-    causal_encoder = False
+    ``build_model`` passes the command-line args through :meth:`prepare_args` (renamed options,
+    attention types, defaults and checks), then makes fairseq's ``TransformerConfig`` of them,
+    which keeps every option of ours as an attribute. ``build_encoder`` and ``build_decoder``
+    take that config and read each block's :class:`AttentionConfig` from the three methods
+    below, which a model family overrides to make its encoder causal or its cross-attention
+    wait-k. No state outside the arguments.
+    """
+
+    # old option name -> its name now (see upgrade_args)
+    renamed_args: Mapping[str, str] = {}
+
+    @classmethod
+    def upgrade_args(cls, args: argparse.Namespace) -> None:
+        """Rename, in place, the options of args saved under an earlier name (checkpoints)."""
+        rename_args(args, cls.renamed_args)
+
+    @classmethod
+    def prepare_args(cls, args: argparse.Namespace) -> None:
+        cls.upgrade_args(args)
+        resolve_attention_types(args)
+
+    @classmethod
+    def encoder_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
+        return attention_config(cfg, "encoder")
+
+    @classmethod
+    def decoder_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
+        return attention_config(cfg, "decoder", causal=True)
+
+    @classmethod
+    def cross_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
+        return attention_config(cfg, "cross")
+
+    @classmethod
+    def build_decoder(cls, cfg: TransformerConfig, tgt_dict, embed_tokens):
+        return LeaPTransformerDecoder(
+            cfg, tgt_dict, embed_tokens, cls.decoder_attention(cfg), cls.cross_attention(cfg),
+            no_encoder_attn=cfg.no_cross_attention,
+        )
+
+
+def check_waitk_lagging(args: argparse.Namespace) -> int:
+    """``--waitk-lagging``, which a wait-k model requires, or a ``ValueError`` naming it."""
+    lagging = getattr(args, "waitk_lagging", None)
+    if lagging is None or lagging < 1:
+        raise ValueError(f"--waitk-lagging must be an integer >= 1, got {lagging}")
+    return lagging
+
+
+@register_model("leapformer_transformer")
+class LeaPformerTransformerModel(LeaPAttentionBlocks, TransformerModel):
+    """fairseq's transformer with LeaP (or cosFormer, linear, softmax) attention blocks."""
 
     @staticmethod
     def add_args(parser):
@@ -213,42 +259,18 @@ class LeaPformerTransformerModel(TransformerModel):
         add_attention_args(parser)
 
     @classmethod
-    def waitk_lagging(cls, args: argparse.Namespace) -> Optional[int]:
-        return None
-
-    @classmethod
     def build_model(cls, args, task):
-        resolve_attention_types(args)
-        token = _ARGS_BEING_BUILT.set(args)
-        try:
-            return super().build_model(args, task)
-        finally:
-            _ARGS_BEING_BUILT.reset(token)
+        cls.prepare_args(args)
+        return super().build_model(args, task)  # fairseq's, which calls build_encoder/decoder
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
-        args = _ARGS_BEING_BUILT.get()
-        return LeaPTransformerEncoder(
-            cfg, src_dict, embed_tokens,
-            attention_config(args, "encoder", causal=cls.causal_encoder),
-        )
-
-    @classmethod
-    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
-        args = _ARGS_BEING_BUILT.get()
-        return LeaPTransformerDecoder(
-            cfg, tgt_dict, embed_tokens,
-            attention_config(args, "decoder", causal=True),
-            attention_config(args, "cross", waitk_lagging=cls.waitk_lagging(args)),
-            no_encoder_attn=cfg.no_cross_attention,
-        )
+        return LeaPTransformerEncoder(cfg, src_dict, embed_tokens, cls.encoder_attention(cfg))
 
 
 @register_model("leapformer_waitk_transformer")
 class LeaPformerWaitkTransformerModel(LeaPformerTransformerModel):
     """Simultaneous: causal encoder, wait-k cross-attention (``--waitk-lagging k``)."""
-
-    causal_encoder = True
 
     @staticmethod
     def add_args(parser):
@@ -257,16 +279,22 @@ class LeaPformerWaitkTransformerModel(LeaPformerTransformerModel):
                             help="wait-k lagging: target token i sees source tokens "
                                  "0 .. i + K - 1 (required, >= 1)")
 
+    @classmethod
+    def prepare_args(cls, args: argparse.Namespace) -> None:
+        super().prepare_args(args)
+        check_waitk_lagging(args)
+
+    @classmethod
+    def encoder_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
+        return attention_config(cfg, "encoder", causal=True)
+
+    @classmethod
+    def cross_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
+        return attention_config(cfg, "cross", waitk_lagging=cfg.waitk_lagging)
+
     def start_stream(self, **options) -> "WaitkStream":
         """A simultaneous wait-k greedy decoding of one sentence (see :class:`WaitkStream`)."""
         return WaitkStream(self, **options)
-
-    @classmethod
-    def waitk_lagging(cls, args: argparse.Namespace) -> Optional[int]:
-        lagging = getattr(args, "waitk_lagging", None)
-        if lagging is None or lagging < 1:
-            raise ValueError(f"--waitk-lagging must be an integer >= 1, got {lagging}")
-        return lagging
 
 
 def _architecture(embed_dim: int, ffn_dim: int, layers: int, heads: int):

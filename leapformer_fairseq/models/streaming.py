@@ -3,9 +3,10 @@
 One sentence (or utterance) at a time, batch 1, greedy. Nothing is re-encoded: each pushed source
 token (text) or audio sample (speech) runs through the causal encoder once, advancing every layer's
 recurrent state; encoder states become visible to the cross-attention exactly at their wait-k
-boundary. With ``r`` encoder states per source unit (1 for text, the fixed pre-decision ratio for
-speech), target token i sees the first ``min((i + k) * r, S)`` encoder states, S those encoded so
-far: the schedule of training. A READ never touches the decoder's state.
+boundary. With ``frames_per_unit`` encoder states per source unit (1 for text,
+``--frames-per-unit`` for speech), target token i sees the first
+``min((i + k) * frames_per_unit, S)`` encoder states, S those encoded so far: the schedule of
+training. A READ never touches the decoder's state.
 
 ``recompute=True`` instead re-runs encoder and decoder over the whole prefix at every prediction
 (the reference implementation's way), for comparison.
@@ -40,8 +41,9 @@ def greedy_token(logits: Tensor, dictionary, allow_eos: bool = True) -> int:
 def eos_allowed(position: int, waitk: int, frames_per_unit: int, source_frames: Optional[int],
                 eos_before_end: bool) -> bool:
     """May target token ``position`` be EOS? Always with ``eos_before_end``; otherwise only once
-    its wait-k window ``(position + k) * r`` covers the whole source of ``source_frames``
-    encoder states (``None``: the source is not finished, so its length is unknown)."""
+    its wait-k window ``(position + k) * frames_per_unit`` covers the whole source of
+    ``source_frames`` encoder states (``None``: the source is not finished, so its length is
+    unknown)."""
     if eos_before_end:
         return True
     return source_frames is not None and (position + waitk) * frames_per_unit >= source_frames
@@ -144,7 +146,8 @@ class _WaitkDecoding:
         return token
 
     def _incremental_logits(self, prev_tokens: Tensor) -> Tensor:
-        # the training schedule: min((i + k) * r, encoded), also after the source ended
+        # the training schedule: min((i + k) * frames_per_unit, encoded), also after the
+        # source ended
         limit = min((len(self.target) + self.waitk) * self.frames_per_unit, self.encoded)
         reveal = limit - self.visible
         if reveal > 0:
@@ -218,7 +221,7 @@ class SpeechWaitkStream(_WaitkDecoding):
 
     Each push computes fbank on the new samples only (the window overlap carried), applies
     CMVN, and advances the causal subsampler and every encoder layer by the new frames only.
-    A source unit is ``r`` encoder frames (``--fixed-pre-decision-ratio``).
+    A source unit is ``--frames-per-unit`` encoder frames.
 
     Args:
         model: a ``leapformer_s2t_waitk`` in eval mode.
@@ -236,7 +239,7 @@ class SpeechWaitkStream(_WaitkDecoding):
     def __init__(self, model, cmvn: Optional[GlobalCMVN] = None, waitk: Optional[int] = None,
                  max_len_a: float = 3.0, max_len_b: int = 10, recompute: bool = False,
                  eos_before_end: bool = False):
-        super().__init__(model, waitk, model.decoder.cross_attention_config.waitk_stride,
+        super().__init__(model, waitk, model.decoder.cross_attention_config.frames_per_unit,
                          max_len_a, max_len_b, recompute, eos_before_end)
         self.cmvn = cmvn
         self.fbank = IncrementalFbank()
@@ -280,7 +283,7 @@ class SpeechWaitkStream(_WaitkDecoding):
             self._append_encoded(states)
 
     def finish_source(self) -> None:
-        """End of the utterance: a chunk-causal encoder encodes its last, incomplete chunk;
+        """End of the utterance: a unit-causal encoder encodes its last, incomplete unit;
         every encoder state is now readable by the schedule."""
         if not self.source_finished and not self.recompute:
             states = self.model.encoder.finish_stream(self.encoder_state)
@@ -312,7 +315,7 @@ def greedy_decode_from_encoder_out(model, encoder_out: Dict, source_units: int,
     while not target or target[-1] != eos:
         prev_tokens = torch.tensor([[eos] + target], device=device)
         logits, _ = model.decoder(prev_tokens, encoder_out=encoder_out)
-        allow_eos = eos_allowed(len(target), cross.waitk_lagging, cross.waitk_stride,
+        allow_eos = eos_allowed(len(target), cross.waitk_lagging, cross.frames_per_unit,
                                 source_frames, eos_before_end)
         token = greedy_token(logits[0, -1], model.decoder.dictionary, allow_eos)
         if len(target) + 1 >= max_len_a * source_units + max_len_b:
@@ -352,8 +355,7 @@ def speech_waitk_greedy_decode(
     encoder_out = model.encoder(features.unsqueeze(0),
                                 torch.tensor([features.size(0)], device=device))
     frames = encoder_out["encoder_out"][0].size(0)
-    ratio = model.decoder.cross_attention_config.waitk_stride
-    units = -(-frames // ratio)
+    units = -(-frames // model.decoder.cross_attention_config.frames_per_unit)
     return greedy_decode_from_encoder_out(model, encoder_out, units, max_len_a, max_len_b,
                                           eos_before_end)
 

@@ -32,25 +32,26 @@ class LeaPMultiheadAttention(MultiheadAttention):
     """Multi-head attention whose scores are LeaP, cosFormer, plain linear or softmax.
 
     Args (beyond fairseq's ``embed_dim``, ``num_heads``, ``kdim``, ``vdim``, ``dropout``, ``bias``,
-    ``self_attention``, ``encoder_decoder_attention``):
+    ``self_attention``, ``encoder_decoder_attention``), first what is computed:
         attn_type: one of ``leap``, ``cosformer``, ``linear``, ``softmax``.
         leap_factor: LeaP MLP hidden size is ``head_dim // leap_factor``.
         eps: the denominator clamp ``max(sum_j s_ij, eps)`` of the linear types.
-        chunk_size: chunk length of the causal chunked form.
-        block_size: rows per block of causal self-attention, whose features are recomputed
-            block by block in backward (memory ``O(L d)`` plus ``O(block_size)``).
         causal: self-attention where token i sees tokens ``j <= i``. fairseq's future mask passed
             as ``attn_mask`` selects the same thing.
         cosformer_max_positions: the fixed ``M`` of cosFormer's ``p_i = i / M``.
+        frames_per_unit: keys (encoder frames) per source unit: the step of the wait-k schedule
+            and the unit of ``unit_causal``; 1 for text.
         waitk_lagging: wait-k cross-attention: in parallel (training) calls target token i sees
             the first ``i + k`` source units (see :meth:`waitk_key_limit`). Incremental calls
             see exactly the source pushed so far.
-        waitk_stride: keys per source unit (speech: the fixed pre-decision ratio ``r``, in
-            encoder frames); 1 for text.
-        causal_chunk: with ``causal``, chunk-causal self-attention: position t sees every
-            position of its own chunk of ``causal_chunk`` positions and of the chunks before
-            (1: plain causal). Incremental steps then take whole chunks (the last may be
-            partial).
+        unit_causal: with ``causal``, position t sees every position of its own unit of
+            ``frames_per_unit`` positions and of the units before. Incremental steps then take
+            whole units (the last may be partial).
+
+    then how it is tiled (results do not depend on these):
+        chunk_size: chunk length of the causal chunked form.
+        block_size: rows per block of causal self-attention, whose features are recomputed
+            block by block in backward (memory ``O(L d)`` plus ``O(block_size)``).
 
     For the linear types, ``dropout`` is applied to the values (attention weights are never
     formed), so evaluation-mode outputs are deterministic; ``need_weights`` returns ``None``.
@@ -69,13 +70,13 @@ class LeaPMultiheadAttention(MultiheadAttention):
         attn_type: str = "leap",
         leap_factor: int = 4,
         eps: float = 0.1,
-        chunk_size: int = 64,
-        block_size: int = 256,
         causal: bool = False,
         cosformer_max_positions: int = 1024,
+        frames_per_unit: int = 1,
         waitk_lagging: Optional[int] = None,
-        waitk_stride: int = 1,
-        causal_chunk: int = 1,
+        unit_causal: bool = False,
+        chunk_size: int = 64,
+        block_size: int = 256,
         **fairseq_kwargs,
     ):
         if attn_type not in ATTN_TYPES:
@@ -97,11 +98,10 @@ class LeaPMultiheadAttention(MultiheadAttention):
         if waitk_lagging is not None and (not encoder_decoder_attention or waitk_lagging < 1):
             raise ValueError("waitk_lagging must be >= 1 and needs encoder_decoder_attention=True, "
                              f"got {waitk_lagging}")
-        if waitk_stride < 1:
-            raise ValueError(f"waitk_stride must be >= 1, got {waitk_stride}")
-        if causal_chunk < 1 or (causal_chunk > 1 and not causal):
-            raise ValueError(f"causal_chunk must be >= 1 and > 1 only with causal=True, got "
-                             f"{causal_chunk}")
+        if frames_per_unit < 1:
+            raise ValueError(f"frames_per_unit must be >= 1, got {frames_per_unit}")
+        if unit_causal and not causal:
+            raise ValueError("unit_causal=True needs causal=True")
         super().__init__(
             embed_dim,
             num_heads,
@@ -116,43 +116,44 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.attn_type = attn_type
         self.leap_factor = leap_factor
         self.eps = eps
-        self.chunk_size = chunk_size
-        self.block_size = block_size
         self.causal = causal
         self.cosformer_max_positions = cosformer_max_positions
+        self.frames_per_unit = frames_per_unit
         self.waitk_lagging = waitk_lagging
-        self.waitk_stride = waitk_stride
-        self.causal_chunk = causal_chunk
+        self.unit_causal = unit_causal
+        self.chunk_size = chunk_size
+        self.block_size = block_size
         if attn_type == "leap":
             self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor)
             self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor)
 
     def extra_repr(self) -> str:
         return (f"attn_type={self.attn_type}, causal={self.causal}, eps={self.eps}, "
-                f"waitk_lagging={self.waitk_lagging}, waitk_stride={self.waitk_stride}, "
-                f"causal_chunk={self.causal_chunk}")
+                f"frames_per_unit={self.frames_per_unit}, waitk_lagging={self.waitk_lagging}, "
+                f"unit_causal={self.unit_causal}")
 
     def waitk_key_limit(
         self, target_length: int, key_padding_mask: Optional[Tensor], device: torch.device
     ) -> Tensor:
         """Wait-k (docs/math.md §4): target token i sees source units ``0 .. i + k - 1``, i.e. the
-        first ``(i + k) * waitk_stride`` keys.
+        first ``(i + k) * frames_per_unit`` keys.
 
         Returns ``(T,)``, or ``(B, T)`` shifted by each sentence's left padding.
         """
         units = torch.arange(target_length, device=device) + self.waitk_lagging
-        limit = units * self.waitk_stride
+        limit = units * self.frames_per_unit
         if key_padding_mask is None:
             return limit
         left_padding = (~key_padding_mask).long().cumsum(dim=1).eq(0).sum(dim=1)
         return left_padding[:, None] + limit[None, :]
 
-    def chunk_causal_limit(self, length: int, start: int, device: torch.device) -> Tensor:
-        """Chunk-causal self-attention: position ``start + t`` sees keys
-        ``0 .. (floor((start + t) / c) + 1) * c - 1`` (absolute indices), ``(length,)``."""
+    def unit_causal_limit(self, length: int, start: int, device: torch.device) -> Tensor:
+        """Unit-causal self-attention: position ``start + t`` sees keys up to the end of its unit,
+        ``0 .. (floor((start + t) / frames_per_unit) + 1) * frames_per_unit - 1`` (absolute
+        indices), ``(length,)``."""
         position = torch.arange(start, start + length, device=device)
-        return torch.div(position, self.causal_chunk, rounding_mode="floor").add(1).mul(
-            self.causal_chunk)
+        return torch.div(position, self.frames_per_unit, rounding_mode="floor").add(1).mul(
+            self.frames_per_unit)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -179,7 +180,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
                 (a growing, streamed source).
             attn_mask: fairseq's future mask; the linear types accept only that mask.
             key_limit: ``(T,)`` or ``(B, T)``: query i sees the first ``key_limit[i]`` keys
-                (wait-k cross-attention, chunk-causal self-attention).
+                (wait-k cross-attention, unit-causal self-attention).
         Returns:
             ``(T, B, C)`` output and the attention weights (``None`` for the linear types).
         """
@@ -211,8 +212,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
                     query, key, value, key_padding_mask, incremental_state, static_kv
                 )
         elif self.self_attention:
-            if causal and self.causal_chunk > 1:
-                causal, key_limit = False, self.chunk_causal_limit(query.size(0), 0, query.device)
+            if causal and self.unit_causal:
+                causal, key_limit = False, self.unit_causal_limit(query.size(0), 0, query.device)
             out = self._self_attention(query, key_padding_mask, causal, key_limit)
         else:
             out = self._cross_attention(query, key, value, key_padding_mask, key_limit)
@@ -294,7 +295,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self, x: Tensor, padding_mask: Optional[Tensor], incremental_state: IncrementalState
     ) -> Tensor:
         """Advance the causal recurrent state by ``T >= 1`` new tokens; no key/value cache.
-        Chunk-causal: the tokens are whole chunks, each read after its own keys are added."""
+        Unit-causal: the tokens are whole units, each read after its own keys are added."""
         buffer = self._get_input_buffer(incremental_state)
         state, position = self._load_state(buffer, x.size(1), "position", x)
         positions = self._positions(padding_mask, x.size(0), x.size(1), x.device, position)
@@ -302,13 +303,13 @@ class LeaPMultiheadAttention(MultiheadAttention):
         k = self._features(self._split_heads(self.k_proj(x)), "k", positions)
         v = self.dropout_module(self._split_heads(self.v_proj(x)))
         mask = self._per_head(padding_mask)
-        if self.causal_chunk > 1:
-            if mask is not None or bool((position % self.causal_chunk).any()):
-                raise ValueError("chunk-causal steps take unpadded whole chunks, starting at a "
-                                 "chunk boundary")
+        if self.unit_causal:
+            if mask is not None or bool((position % self.frames_per_unit).any()):
+                raise ValueError("unit-causal steps take unpadded whole units, starting at a "
+                                 "unit boundary")
             outputs = []
-            for start in range(0, x.size(0), self.causal_chunk):
-                rows = slice(start, start + self.causal_chunk)
+            for start in range(0, x.size(0), self.frames_per_unit):
+                rows = slice(start, start + self.frames_per_unit)
                 state = ops.update_state(state, k[:, rows], v[:, rows])
                 outputs.append(ops.query_state(state, q[:, rows], self.eps))
             out = torch.cat(outputs, dim=1)
@@ -541,15 +542,15 @@ class LeaPMultiheadAttention(MultiheadAttention):
         (``(T, S)``, or ``(B * H, T, S)`` per sentence)."""
         blocked = None
         if self.causal and attn_mask is None and query.size(0) > 1:
-            # new token t sees the cached keys and new tokens 0 .. t (or its whole chunk)
+            # new token t sees the cached keys and new tokens 0 .. t (or its whole unit)
             length = query.size(0)
             cached = 0
             if incremental_state is not None:
                 prev_key = self._get_input_buffer(incremental_state).get("prev_key")
                 cached = 0 if prev_key is None else prev_key.size(2)
-            if self.causal_chunk > 1:
+            if self.unit_causal:
                 key_index = torch.arange(cached + length, device=query.device)
-                limit = self.chunk_causal_limit(length, cached, query.device)
+                limit = self.unit_causal_limit(length, cached, query.device)
                 blocked = key_index[None, :] >= limit[:, None]
             else:
                 blocked = torch.ones(length, cached + length, dtype=torch.bool,
