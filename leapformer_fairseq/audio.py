@@ -1,7 +1,7 @@
 """Speech features, offline and streaming: 80-dim kaldi fbank and global CMVN.
 
-One definition shared by data preparation (``scripts/prep_mustc.py``), the speech stream
-(:mod:`leapformer_fairseq.models.speech_streaming`) and the SimulEval speech agent, so training
+One definition shared by data preparation (:mod:`leapformer_fairseq.recipes.mustc`), the speech
+stream (:mod:`leapformer_fairseq.models.streaming`) and the SimulEval speech agent, so training
 features and streamed features are the same numbers.
 
 Conventions: 16 kHz mono; samples in int16 scale (``float * 32768``), as fairseq's kaldi fbank
