@@ -45,11 +45,13 @@ STATISTICS = ("p_std_q", "p_std_k", "factor_mean", "factor_spread", "clamp_rate"
 class AttentionScores:
     """One call of an attention block, rebuilt, ``N = B * heads`` rows.
 
-    ``base``: ``(N, T, S)`` the linear score ``q~_i . k~_j`` (softmax: the logits ``q_i . k_j``);
+    ``base``: ``(N, T, S)`` the linear score ``q~_i . k~_j`` (Hedgehog: ``phi(q_i) . phi(k_j)``;
+    softmax: the logits ``q_i . k_j``);
     ``factor``: ``(N, T, S)`` ``cos(pi/2 (p_i - p'_j))``, or ``None`` (linear, softmax);
     ``allowed``: ``(N, T, S)`` bool, the attended pairs of real queries; ``q_proportion``,
     ``k_proportion``: ``(N, T)``, ``(N, S)`` or ``None``; ``q_features``, ``k_features``: the ReLU
-    features ``(N, T, d)``, ``(N, S, d)`` (softmax: ``None``); ``query_real``: ``(N, T)`` bool;
+    features ``(N, T, d)``, ``(N, S, d)`` (Hedgehog: its features ``(N, T, 2d)``; softmax:
+    ``None``); ``query_real``: ``(N, T)`` bool;
     ``key_real``: ``(N, S)`` bool.
     """
 
@@ -122,6 +124,10 @@ def attention_scores(module: LeaPMultiheadAttention, query: Tensor, key: Optiona
     q_proportion = k_proportion = factor = q_features = k_features = None
     if module.attn_type == "softmax":
         base = q @ k.transpose(1, 2)
+    elif module.attn_type == "hedgehog":
+        q_features, k_features = (module._features(x.to(query.dtype), side, None).double()
+                                  for x, side in ((q, "q"), (k, "k")))
+        base = q_features @ k_features.transpose(1, 2)
     else:
         q_features, k_features = q.relu(), k.relu()
         base = q_features @ k_features.transpose(1, 2)

@@ -34,6 +34,9 @@ def reference(module, query, key, key_padding_mask=None, allowed=None):
         allowed = allowed.repeat_interleave(HEADS, 0)
     if module.attn_type == "softmax":
         out = ops.naive_softmax_attention(q, k, v, allowed, padding)
+    elif module.attn_type == "hedgehog":  # phi(u) = sqrt(2d) softmax([W u + b, -(W u + b)])
+        q_t, k_t = hedgehog_features(module.hedgehog_q, q), hedgehog_features(module.hedgehog_k, k)
+        out = ops.naive_leap_attention(q_t, k_t, v, None, None, allowed, padding)
     else:
         q_t, k_t = torch.relu(q), torch.relu(k)
         p_q = p_k = None
@@ -44,6 +47,13 @@ def reference(module, query, key, key_padding_mask=None, allowed=None):
             p_k = torch.arange(k.size(1)).expand(k.size(0), -1) / module.cosformer_max_positions
         out = ops.naive_leap_attention(q_t, k_t, v, p_q, p_k, allowed, padding)
     return module.out_proj(out.transpose(0, 1).reshape(query.size(0), bsz, EMBED))
+
+
+def hedgehog_features(layer, x):
+    """Hedgehog's feature map written out: exp of +-(W x + b), normalised, times sqrt(2d)."""
+    mapped = x @ layer.weight.T + layer.bias
+    both = torch.exp(torch.cat([mapped, -mapped], dim=-1))
+    return both / both.sum(-1, keepdim=True) * (2 * x.size(-1)) ** 0.5
 
 
 def right_padding(bsz, length):

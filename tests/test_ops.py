@@ -49,6 +49,24 @@ def test_sincos_features_reproduce_the_cos_reweighting():
     torch.testing.assert_close(phi_scores, direct, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_softmax_features_are_the_hedgehog_formula(dtype):
+    """``sqrt(2d) * exp(+-x_m) / sum(exp(+-x))`` per row: in float64, and in half precision within
+    a few units of rounding of the float64 result; positive, summing to sqrt(2d)."""
+    x = torch.randn(3, 7, 8, dtype=torch.float64) * 3
+    both = torch.exp(torch.cat([x, -x], dim=-1))
+    expected = both / both.sum(-1, keepdim=True) * 4.0
+    actual = ops.softmax_features(x.to(dtype))
+    assert actual.dtype == dtype and actual.shape == (3, 7, 16)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(actual.double(), expected, rtol=4 * eps, atol=4 * eps)
+    if dtype == torch.float64:  # half precision may round the smallest entries to 0
+        assert bool((actual > 0).all())
+    torch.testing.assert_close(actual.double().sum(-1), torch.full((3, 7), 4.0,
+                                                                    dtype=torch.float64),
+                               rtol=16 * eps, atol=16 * eps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("attn_type", LINEAR_TYPES)

@@ -3,7 +3,8 @@
 The module subclasses fairseq's attention, so parameter names (``q_proj``, ``k_proj``, ``v_proj``,
 ``out_proj``), the call signature and ``incremental_state`` handling are fairseq's. ``softmax``
 delegates to fairseq unchanged; the three linear types (``leap``, ``cosformer``, ``linear``) run
-the forms in :mod:`leapformer_fairseq.ops` and never build an ``L x L`` matrix.
+the forms in :mod:`leapformer_fairseq.ops` and never build an ``L x L`` matrix; so does
+``hedgehog``, a learned softmax feature map (docs/math.md §1) kept beside LeaP for comparison.
 """
 from typing import Dict, Optional, Tuple
 
@@ -13,8 +14,8 @@ from torch import Tensor, nn
 
 from leapformer_fairseq import ops
 
-ATTN_TYPES = ("leap", "cosformer", "linear", "softmax")
-LINEAR_ATTN_TYPES = ("leap", "cosformer", "linear")
+ATTN_TYPES = ("leap", "cosformer", "linear", "hedgehog", "softmax")
+LINEAR_ATTN_TYPES = ("leap", "cosformer", "linear", "hedgehog")
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
@@ -28,12 +29,22 @@ def leap_proportion_mlp(head_dim: int, leap_factor: int) -> nn.Sequential:
     )
 
 
+def hedgehog_map(head_dim: int, gain: float) -> nn.Linear:
+    """Hedgehog's learned map ``W u + b`` before the softmax features, initialised to
+    ``gain * identity`` and zero bias."""
+    layer = nn.Linear(head_dim, head_dim)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(head_dim) * gain)
+        layer.bias.zero_()
+    return layer
+
+
 class LeaPMultiheadAttention(MultiheadAttention):
-    """Multi-head attention whose scores are LeaP, cosFormer, plain linear or softmax.
+    """Multi-head attention whose scores are LeaP, cosFormer, plain linear, Hedgehog or softmax.
 
     Args (beyond fairseq's ``embed_dim``, ``num_heads``, ``kdim``, ``vdim``, ``dropout``, ``bias``,
     ``self_attention``, ``encoder_decoder_attention``), first what is computed:
-        attn_type: one of ``leap``, ``cosformer``, ``linear``, ``softmax``.
+        attn_type: one of ``leap``, ``cosformer``, ``linear``, ``hedgehog``, ``softmax``.
         leap_factor: LeaP MLP hidden size is ``head_dim // leap_factor``.
         eps: the denominator clamp ``max(sum_j s_ij, eps)`` of the linear types.
         causal: self-attention where token i sees tokens ``j <= i``. fairseq's future mask passed
@@ -126,6 +137,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
         if attn_type == "leap":
             self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor)
             self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor)
+        elif attn_type == "hedgehog":  # the query map first undoes fairseq's query scaling
+            self.hedgehog_q = hedgehog_map(self.head_dim, 1.0 / self.scaling)
+            self.hedgehog_k = hedgehog_map(self.head_dim, 1.0)
 
     def extra_repr(self) -> str:
         return (f"attn_type={self.attn_type}, causal={self.causal}, eps={self.eps}, "
@@ -262,8 +276,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         feature_params = [*self.q_proj.parameters(), *self.k_proj.parameters()]
         if not dropout_active:
             feature_params += [*self.v_proj.parameters()]
-        if self.attn_type == "leap":
-            feature_params += [*self.leap_q.parameters(), *self.leap_k.parameters()]
+        for feature_map_module in self._feature_map_modules():
+            feature_params += [*feature_map_module.parameters()]
         return ops.blockwise_causal_linear_attention(
             x.transpose(0, 1), feature_map, feature_params, values, self.chunk_size,
             self.block_size, mask, self.eps,
@@ -476,8 +490,19 @@ class LeaPMultiheadAttention(MultiheadAttention):
                 f"{self.cosformer_max_positions} (p = i / M must stay in [0, 1))")
         return positions
 
+    def _feature_map_modules(self) -> Tuple[nn.Module, ...]:
+        """The learned parts of the feature map (query side, key side), if any."""
+        if self.attn_type == "leap":
+            return self.leap_q, self.leap_k
+        if self.attn_type == "hedgehog":
+            return self.hedgehog_q, self.hedgehog_k
+        return ()
+
     def _features(self, x: Tensor, side: str, positions: Optional[Tensor]) -> Tensor:
         """``(B * H, L, d)`` projections -> features ``phi``: ``(B * H, L, d)`` or ``(.., 2d)``."""
+        if self.attn_type == "hedgehog":
+            layer = self.hedgehog_q if side == "q" else self.hedgehog_k
+            return ops.softmax_features(layer(x))
         x = ops.relu_features(x)
         if self.attn_type == "linear":
             return x

@@ -4,6 +4,7 @@ from .feature_map import (
     positions_from_padding,
     relu_features,
     sincos_features,
+    softmax_features,
 )
 from .linear_attention import (
     FeatureMap,
@@ -37,6 +38,7 @@ __all__ = [
     "recurrent_step",
     "relu_features",
     "sincos_features",
+    "softmax_features",
     "state_dtype",
     "update_state",
 ]

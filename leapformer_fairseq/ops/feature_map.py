@@ -1,4 +1,5 @@
-"""Feature maps of docs/math.md §1-2: relu features and the sin/cos re-weighting by proportions.
+"""Feature maps of docs/math.md §1-2: relu features, the sin/cos re-weighting by proportions, and
+Hedgehog's softmax features.
 
 With ``phi(x, p) = [sin(pi p / 2) x, cos(pi p / 2) x]`` the LeaP score
 ``(q~ . k~) cos(pi/2 (p - p'))`` equals ``phi(q~, p) . phi(k~, p')``, so every linear-attention
@@ -27,6 +28,14 @@ def sincos_features(features: Tensor, proportion: Tensor) -> Tensor:
     """
     angle = proportion.unsqueeze(-1) * (math.pi / 2)
     return torch.cat([torch.sin(angle) * features, torch.cos(angle) * features], dim=-1)
+
+
+def softmax_features(x: Tensor) -> Tensor:
+    """Hedgehog's features of mapped inputs: ``sqrt(2d) * softmax([x, -x])`` over the ``2d``
+    entries, ``(..., L, d) -> (..., L, 2d)``. Positive everywhere; the factor ``sqrt(2d)`` makes
+    two uniform feature vectors score 1, the scale of the clamp ``eps``."""
+    dim = x.size(-1)
+    return torch.softmax(torch.cat([x, -x], dim=-1), dim=-1) * math.sqrt(2 * dim)
 
 
 def positions_from_padding(padding_mask: Tensor, start: Tensor | int = 0) -> Tensor:
