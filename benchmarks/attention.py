@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from fairseq.modules import MultiheadAttention
 from torch import nn
 
+from leapformer_fairseq.modules import LeaPMultiheadAttention
+from leapformer_fairseq.profiling import peak_rss_increase
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fairseq.modules import MultiheadAttention  # noqa: E402
-
-from leapformer_fairseq.modules import LeaPMultiheadAttention  # noqa: E402
-from leapformer_fairseq.profiling import peak_rss_increase  # noqa: E402
 
 METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosformer", "leap")
 DECODE_METHODS = ("fairseq_softmax", "leap")
