@@ -5,15 +5,16 @@ and its last minute against a float64 offline recomputation of the whole hour.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/long_stream.py --minutes 3 --interval 15
 
 Audio: "talks" of English sentences (the English side of ``data/gettext-mt/en-de.train.tsv``)
-spoken by espeak-ng (``scripts/make_tts_corpus.py``'s ``synthesise``: 16 kHz mono, int16 scale;
-voice and speed drawn per sentence from that script's defaults). To keep synthesis cheap a pool of
-``--pool`` sentences is synthesised once and the stream is built by drawing from the pool (seeded)
-with a silence of 0.3-1.2 s between sentences and 2-5 s between talks of 8-12 sentences, until
-``--minutes`` of audio; the same sentence audio therefore recurs (stated in the outputs).
+spoken by espeak-ng (``leapformer_fairseq.recipes.tts.synthesise``: 16 kHz mono, int16 scale;
+voice and speed drawn per sentence from ``scripts/make_tts_corpus.py``'s defaults). To keep
+synthesis cheap a pool of ``--pool`` sentences is synthesised once and the stream is built by
+drawing from the pool (seeded) with a silence of 0.3-1.2 s between sentences and 2-5 s between
+talks of 8-12 sentences, until ``--minutes`` of audio; the same sentence audio therefore recurs
+(stated in the outputs).
 
 Model: a ``leapformer_s2t_waitk_small`` LeaP model (d 256, 6 encoder layers, 4 heads, FFN 1024),
 either ``--checkpoint`` (with the CMVN of its data config) or, by default, seeded random weights
-built in-process as ``tests/test_s2t_models.py`` builds its models (wait-3, pre-decision ratio 9,
+built in-process as ``tests/test_s2t_models.py`` builds its models (wait-3, 9 frames per unit,
 no dropout), with a global CMVN computed from the fbank of the sentence pool.
 
 Stream: ``model.start_stream(cmvn=...)`` and ``push_audio`` in ``--piece-ms`` pieces (200 ms),
@@ -96,7 +97,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 ARCH = "leapformer_s2t_waitk_small"
 SAMPLE_RATE = 16000
@@ -241,17 +241,17 @@ def model_tensor_census(model: torch.nn.Module) -> TensorCensus:
 
 # ---------------------------------------------------------------------------------- audio
 def english_sentences(path: Path) -> List[str]:
-    from make_tts_corpus import read_pairs
+    from leapformer_fairseq.recipes.common import read_tsv_pairs
 
-    pairs = read_pairs(str(path), "train", "en", "de")
+    pairs = read_tsv_pairs(str(path), "train", "en", "de", "long_stream", "read")
     return [source for source, _ in pairs if 4 <= len(source.split()) <= 30]
 
 
 def synthesise_pool(args) -> Tuple[List[np.ndarray], List[str]]:
     """``--pool`` sentences, each with a seeded voice and speed, as int16 arrays at 16 kHz."""
-    import make_tts_corpus as tts
+    from leapformer_fairseq.recipes import tts
 
-    voices = ["en-us", "en-gb", "en-us+f3", "en-gb+m3"]  # make_tts_corpus defaults
+    voices = ["en-us", "en-gb", "en-us+f3", "en-gb+m3"]  # scripts/make_tts_corpus.py's defaults
     speeds = [140, 165, 190]
     tts.check_voices(voices)
     rng = random.Random(f"{args.seed}/pool")
@@ -300,7 +300,7 @@ def random_model(seed: int):
     for i in range(100):
         dictionary.add_symbol(f"w{i}")
     args = argparse.Namespace(
-        arch=ARCH, waitk_lagging=3, fixed_pre_decision_ratio=9, encoder_attn_type="leap",
+        arch=ARCH, waitk_lagging=3, frames_per_unit=9, encoder_attn_type="leap",
         decoder_attn_type="leap", cross_attn_type="leap", dropout=0.0, input_feat_per_channel=80,
         input_channels=1, max_source_positions=6000, max_target_positions=1024,
     )
@@ -426,7 +426,7 @@ def run_stream(args, model, cmvn, audio: np.ndarray) -> Dict:
     stream.finish_source()
     if stream.pending is not None and stream.pending.size(0):
         raise SystemExit("finish_source produced encoder states: the benchmark expects a causal "
-                         "(not chunk-causal) encoder")
+                         "(not unit-causal) encoder")
     return {"rows": rows, "frames": frames, "nonfinite": nonfinite,
             "last_minute": last_minute[:last_minute_filled],
             "last_minute_first_frame": last_minute_first_frame,

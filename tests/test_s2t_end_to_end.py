@@ -36,7 +36,7 @@ def demo(tmp_path_factory):
         [sys.executable, str(ROOT / "scripts" / "s2t_recipe.py"), "demo", "--out", str(out),
          "--train-pairs", "60", "--test-pairs", str(TEST_UTTERANCES), "--vocab-size", "200",
          "--asr-updates", "12", "--st-updates", "12", "--waitk", "2",
-         "--pre-decision-ratio", "3", "--segment-ms", "160"],
+         "--frames-per-unit", "3", "--segment-ms", "160"],
         check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     return out
@@ -82,7 +82,7 @@ def test_agent_output_equals_offline_waitk_greedy(demo):
     wavs = (demo / "eval.wav_list").read_text().splitlines()
     assert len(instances) == len(wavs) == TEST_UTTERANCES
     cross = model.decoder.cross_attention_config
-    ratio, waitk = cross.waitk_stride, cross.waitk_lagging
+    frames_per_unit, waitk = cross.frames_per_unit, cross.waitk_lagging
     for instance, wav in zip(instances, wavs):
         samples, rate = soundfile.read(wav, dtype="float32")
         assert rate == 16000
@@ -91,7 +91,7 @@ def test_agent_output_equals_offline_waitk_greedy(demo):
                                       if t != task.target_dictionary.eos()])
         assert instance["prediction"].split() == expected.split(), wav
         frames = model.encoder.subsampler.output_lengths(torch.tensor(num_frames(len(samples))))
-        units = -(-int(frames) // ratio)
+        units = -(-int(frames) // frames_per_unit)
         assert len(tokens) - 1 >= units - waitk, wav
 
 
@@ -169,7 +169,7 @@ def subset_size(data: Path, subset: str = "tst-COMMON_st") -> int:
 
 
 def speech_train_command(data: Path, arch: str, save: Path, *extra):
-    """``fairseq-train`` as the recipe runs it (``s2t_recipe.train_command``), 2 updates."""
+    """``fairseq-train`` with the speech recipe's data options (configs/s2t/), 2 updates."""
     return [sys.executable, "-m", "fairseq_cli.train", data, "--user-dir",
             ROOT / "leapformer_fairseq", "--task", "speech_to_text", "--config-yaml",
             "config_st.yaml", "--train-subset", "train_st", "--valid-subset", "dev_st",
@@ -248,7 +248,7 @@ def test_training_with_a_missing_pretrained_encoder_fails_clearly(demo, tmp_path
     missing = tmp_path / "asr" / "checkpoint_last.pt"
     save = tmp_path / "st"
     done = run(speech_train_command(demo, "leapformer_s2t_waitk_tiny", save,
-                                    "--waitk-lagging", "2", "--fixed-pre-decision-ratio", "3",
+                                    "--waitk-lagging", "2", "--frames-per-unit", "3",
                                     "--load-pretrained-encoder-from", missing))
     assert done.returncode != 0
     assert any("--load-pretrained-encoder-from" in line and str(missing) in line

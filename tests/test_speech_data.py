@@ -1,11 +1,10 @@
 """Speech data: espeak-ng synthesis in the MuST-C layout -> prep_mustc.py -> fairseq's S2T task.
 
-Runs the real espeak-ng, both scripts (as commands for the fixture, in this process where a test
-reruns prep_mustc.py) and fairseq's ``SpeechToTextTask`` on a tiny synthesised corpus.
+Runs the real espeak-ng, both scripts (as commands for the fixture; prep_mustc's ``main`` in this
+process where a test reruns it) and fairseq's ``SpeechToTextTask`` on a tiny synthesised corpus.
 :func:`build_speech_corpus` (sizes as arguments) and the ``speech_corpus`` fixture are meant for
 other tests that need a small speech corpus.
 """
-import runpy
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import torchaudio.functional
 import yaml
 
 from leapformer_fairseq.audio import SAMPLE_RATE, fbank, num_frames, to_int16_scale
+from leapformer_fairseq.recipes import mustc
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_TTS_CORPUS = ROOT / "scripts" / "make_tts_corpus.py"
@@ -73,12 +73,10 @@ def build_speech_corpus(root: Path, train: int = 12, valid: int = 4, test: int =
     return SpeechCorpus(root / "mustc", root / "prep", sizes, per_talk)
 
 
-def prep_in_process(monkeypatch, data_root: Path, out: Path, *options) -> None:
+def prep_in_process(data_root: Path, out: Path, *options) -> None:
     """prep_mustc.py's ``main`` in this process: quicker than the command, which the fixture
     runs; a refusal raises its ``SystemExit``."""
-    monkeypatch.setattr(sys, "argv", [str(PREP_MUSTC), *prep_arguments(data_root, out,
-                                                                       *options)])
-    runpy.run_path(str(PREP_MUSTC), run_name="__main__")
+    mustc.main(prep_arguments(data_root, out, *options))
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -213,7 +211,7 @@ def test_fairseq_task_loads_normalised_features(speech_corpus, task):
             assert bpe.decode(text) == spm_normalised(row["tgt_text"])
 
 
-def test_other_rates_are_refused_without_resample(speech_corpus, tmp_path, monkeypatch):
+def test_other_rates_are_refused_without_resample(speech_corpus, tmp_path):
     """A corpus copy with one talk at 22.05 kHz stereo: refused naming that wav, accepted
     (and resampled) with --resample."""
     copy = tmp_path / "mustc"
@@ -226,11 +224,11 @@ def test_other_rates_are_refused_without_resample(speech_corpus, tmp_path, monke
                     subtype="PCM_16")
 
     with pytest.raises(SystemExit) as refused:
-        prep_in_process(monkeypatch, copy, tmp_path / "refused")
+        prep_in_process(copy, tmp_path / "refused")
     assert f"{changed}: 2 channel(s) at 22050 Hz" in str(refused.value)
     assert "--resample" in str(refused.value)
 
-    prep_in_process(monkeypatch, copy, tmp_path / "prep", "--resample")
+    prep_in_process(copy, tmp_path / "prep", "--resample")
     original = read_manifest(speech_corpus.prep / "train_st.tsv")
     resampled_rows = read_manifest(tmp_path / "prep" / "train_st.tsv")
     assert [row["id"] for row in resampled_rows] == [row["id"] for row in original]
@@ -242,10 +240,10 @@ def test_other_rates_are_refused_without_resample(speech_corpus, tmp_path, monke
             np.testing.assert_array_equal(np.load(after["audio"]), np.load(before["audio"]))
 
 
-def test_short_segments_are_skipped_and_counted(speech_corpus, tmp_path, monkeypatch, capsys):
+def test_short_segments_are_skipped_and_counted(speech_corpus, tmp_path, capsys):
     train = read_manifest(speech_corpus.prep / "train_st.tsv")
     shortest = min(int(row["n_frames"]) for row in train)
-    prep_in_process(monkeypatch, speech_corpus.mustc, tmp_path, "--min-frames", shortest + 1)
+    prep_in_process(speech_corpus.mustc, tmp_path, "--min-frames", shortest + 1)
     kept = read_manifest(tmp_path / "train_st.tsv")
     assert [row["id"] for row in kept] == [row["id"] for row in train
                                            if int(row["n_frames"]) > shortest]

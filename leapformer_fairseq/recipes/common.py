@@ -14,8 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
-ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = Path(__file__).resolve().parents[1]  # the package fairseq loads with --user-dir
+ROOT = PLUGIN.parent  # the repository: configs/, data/, simuleval_agents/, scripts/
 Item = TypeVar("Item")
+# The tools run as modules of this interpreter, so the recipes work wherever the packages import
+# (a venv, PYTHONPATH), with or without their console scripts on PATH.
+FAIRSEQ_PREPROCESS = [sys.executable, "-m", "fairseq_cli.preprocess"]
+FAIRSEQ_TRAIN = [sys.executable, "-m", "fairseq_cli.train"]
+SIMULEVAL = [sys.executable, "-m", "simuleval.cli"]
 # fairseq.data.data_utils' warning when it drops samples longer than the model's max positions
 SKIPPED = re.compile(r"(\d+) samples have invalid sizes and will be skipped, max_positions=(.*?), "
                      r"first few sample ids")
@@ -71,6 +77,32 @@ def train_sentencepiece(prefix: Path, **options) -> None:
             os.replace(f"{partial}.vocab", vocab)
         finally:
             Path(f"{partial}.vocab").unlink(missing_ok=True)
+
+
+def read_tsv_pairs(pattern: str, split: str, src: str, tgt: str, tag: str,
+                   step: str) -> List[Tuple[str, str]]:
+    """(source, target) pairs of a gettext-mt TSV (``pattern`` with ``{split}``), columns
+    chosen by its header line; a missing file, a header without the columns, a wrong field
+    count, an empty field or non-UTF-8 text stops the step naming the file (and line)."""
+    path = Path(pattern.format(split=split))
+    if not path.is_file():
+        raise SystemExit(f"[{tag}] {step}: missing {path} (--corpus with {{split}})")
+    lines = read_lines(path, tag)
+    header = lines[0].split("\t") if lines else []
+    if src not in header or tgt not in header:
+        raise SystemExit(f"[{tag}] {step}: {path} header is {header}, expected columns "
+                         f"'{src}' (--src) and '{tgt}' (--tgt)")
+    src_column, tgt_column = header.index(src), header.index(tgt)
+    pairs = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise SystemExit(f"[{tag}] {step}: {path}:{number} has {len(fields)} fields, "
+                             f"not {len(header)}")
+        pairs.append((fields[src_column].strip(), fields[tgt_column].strip()))
+    refuse_empty([source for source, _ in pairs], path, f"source field ({src})", tag, 2)
+    refuse_empty([target for _, target in pairs], path, f"target field ({tgt})", tag, 2)
+    return pairs
 
 
 def read_recipe(data: Path, tag: str, step: str) -> Dict:
@@ -159,6 +191,33 @@ class Recipe:
             return simuleval_score_only(output, scoring)
         except ValueError as error:
             raise self.fail(f"{what}: {error}") from None
+
+    def first_lines(self, paths: Sequence[Path], output: Path, count: int) -> List[Path]:
+        """``paths`` themselves, or (``count`` > 0) copies of their first ``count`` lines in
+        ``output``, under their names."""
+        if not count:
+            return list(paths)
+        copies = []
+        for path in paths:
+            lines = read_lines(path, self.tag)[:count]
+            copies.append(output / path.name)
+            write_text(copies[-1], "".join(line + "\n" for line in lines))
+        return copies
+
+    def evaluation_runs(self, attn_types: str, waitks: str,
+                        checkpoint: Callable[[str, int], Path],
+                        train: str) -> List[Tuple[str, int, Path]]:
+        """(attention, k, checkpoint) of every ``--attn-types`` x ``--waitk`` (comma-separated);
+        a missing checkpoint stops the recipe naming the ``train`` step that makes it."""
+        runs = []
+        for attn_type in attn_types.split(","):
+            for waitk in (int(k) for k in waitks.split(",")):
+                path = checkpoint(attn_type, waitk)
+                if not path.is_file():
+                    raise self.fail(f"evaluate: missing {path}; run {train} --attn-type "
+                                    f"{attn_type} --waitk {waitk} first")
+                runs.append((attn_type, waitk, path))
+        return runs
 
     def parallel(self, function: Callable[[Item], Dict], items: Sequence[Item],
                  jobs: int) -> List[Dict]:

@@ -1,0 +1,286 @@
+"""Simultaneous speech-to-text recipe: prepare -> ASR pre-training -> wait-k ST -> SimulEval.
+
+    python scripts/s2t_recipe.py prepare --data-root MUSTC_ROOT --lang de --out work/s2t-en-de
+    python scripts/s2t_recipe.py train-asr --data work/s2t-en-de --config s2t/asr_base
+    python scripts/s2t_recipe.py train-st --data work/s2t-en-de --config s2t/st_base
+    python scripts/s2t_recipe.py evaluate --data work/s2t-en-de --attn-types leap,softmax --waitk 5
+    python scripts/s2t_recipe.py demo      # TTS slice -> all of the above, tiny models (make demo)
+
+``prepare`` runs ``scripts/prep_mustc.py`` (the real MuST-C layout, or the output of
+``scripts/make_tts_corpus.py``) and cuts the evaluation split's segments into wav files for
+SimulEval. ``train-asr`` pre-trains a ``leapformer_s2t_waitk`` model on the English transcripts
+(configuration ``s2t/asr_*``); ``train-st`` trains the wait-k ST model (``s2t/st_*``) with its
+encoder initialised from that ASR model (``--load-pretrained-encoder-from``). ``evaluate`` runs
+the ``simuleval`` CLI with the speech agent and ``--computation-aware``, then re-scores each
+run's instances.log with SimulEval's own scorers for plain and computation-aware latency side by
+side (:mod:`leapformer_fairseq.simuleval_scores`; SimulEval 1.1.4's ``--computation-aware`` makes
+its plain columns computation-aware too).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import soundfile
+
+from leapformer_fairseq.audio import SAMPLE_RATE
+from leapformer_fairseq.recipes.common import (
+    PLUGIN,
+    ROOT,
+    SIMULEVAL,
+    Recipe,
+    atomic_output,
+    read_recipe,
+    write_text,
+)
+from leapformer_fairseq.recipes.config import (
+    FRAMES_PER_UNIT,
+    SHORTCUTS,
+    WAITK,
+    ConfigError,
+    Run,
+    TrainConfig,
+    add_config_arguments,
+    add_shortcuts,
+    apply_shortcuts,
+    config_from_arguments,
+    load_config,
+    resolve,
+    train_run,
+)
+from leapformer_fairseq.recipes.mustc import load_talk, read_split
+from leapformer_fairseq.simuleval_scores import (
+    plain_and_computation_aware_scores,
+    write_scores_tsv,
+)
+
+AGENT = ROOT / "simuleval_agents" / "leap_waitk_speech_agent.py"
+TRAIN_SHORTCUTS = (*SHORTCUTS, FRAMES_PER_UNIT)
+DEMO_SHORTCUTS = (WAITK, FRAMES_PER_UNIT)
+LATENCY_METRICS = ("AL", "LAAL", "AP", "DAL", "ATD")
+TABLE_COLUMNS = ("BLEU", *[f"{m}{suffix}" for m in LATENCY_METRICS for suffix in ("", "_CA")])
+RECIPE = Recipe("s2t")
+log, run = RECIPE.log, RECIPE.run
+
+
+# ---------------------------------------------------------------------------- prepare
+def prepare(args) -> None:
+    out = Path(args.out)
+    run([sys.executable, ROOT / "scripts" / "prep_mustc.py", "--data-root", args.data_root,
+         "--lang", args.lang, "--splits", ",".join([args.train_split, args.valid_split,
+                                                    args.eval_split]),
+         "--out", out, "--vocab-size-asr", args.vocab_size_asr, "--vocab-size-st",
+         args.vocab_size_st, *(["--resample"] if args.resample else [])], "prepare: prep_mustc")
+    cut_eval_segments(Path(args.data_root), args.lang, args.eval_split, out, args.resample,
+                      args.max_eval)
+    write_text(out / "recipe.json", json.dumps({
+        "lang": args.lang, "train": args.train_split, "valid": args.valid_split,
+        "eval": args.eval_split}) + "\n")
+    log(f"prepare: done -> {out}")
+
+
+def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resample: bool,
+                      limit: int) -> None:
+    """One 16 kHz wav per segment of ``split`` for SimulEval, with the source list
+    (``eval.wav_list``) and references (``eval.<lang>``) in the same order."""
+    root = data_root / f"en-{lang}"
+    segments = read_split(root, split, lang)
+    if limit:
+        segments = segments[:limit]
+    folder = out / "eval_wavs"
+    folder.mkdir(parents=True, exist_ok=True)
+    talks: Dict[str, object] = {}
+    paths: List[str] = []
+    for index, segment in enumerate(segments):
+        talk = segment["wav"]
+        if talk not in talks:
+            talks = {talk: load_talk(root / "data" / split / "wav" / talk, resample)}
+        start = round(float(segment["offset"]) * SAMPLE_RATE)
+        samples = talks[talk][start:start + round(float(segment["duration"]) * SAMPLE_RATE)]
+        path = folder / f"{Path(talk).stem}_{index}.wav"
+        with atomic_output(path) as partial:
+            soundfile.write(partial, samples, SAMPLE_RATE, subtype="PCM_16")
+        paths.append(str(path.resolve()))
+    write_text(out / "eval.wav_list", "".join(p + "\n" for p in paths))
+    write_text(out / f"eval.{lang}", "".join(s["tgt"] + "\n" for s in segments))
+    log(f"prepare: {len(paths)} {split} segments -> {folder}")
+
+
+# ------------------------------------------------------------------------------ train
+def run_dir(data: Path, task: str, attn_type: str, waitk: int) -> Path:
+    return data / "runs" / f"{task}_{attn_type}_k{waitk}"
+
+
+def train(data: Path, task: str, config: TrainConfig,
+          asr_checkpoint: Optional[Path] = None) -> Run:
+    """fairseq-train of ``config`` on the ``task`` (``asr`` or ``st``) data of ``data`` into
+    ``data/runs/<task>_<attention>_k<k>``; ST starts from the encoder of ``asr_checkpoint``,
+    by default the ASR run of the same attention and k."""
+    step = f"train-{task}"
+    if not (data / f"config_{task}.yaml").is_file():
+        raise RECIPE.fail(f"{step}: {data / f'config_{task}.yaml'} not found; run prepare first")
+    recipe = read_recipe(data, "s2t", step)
+    base = [data, "--user-dir", PLUGIN, "--task", "speech_to_text", "--config-yaml",
+            f"config_{task}.yaml", "--train-subset", f"{recipe['train']}_{task}",
+            "--valid-subset", f"{recipe['valid']}_{task}"]
+    try:
+        resolved = resolve(config, base)
+        attn_type, waitk = resolved.attn_type, resolved.waitk
+        if task == "st":
+            asr = asr_checkpoint or run_dir(data, "asr", attn_type, waitk) / "checkpoint_last.pt"
+            if not asr.is_file():
+                raise RECIPE.fail(f"{step}: ASR checkpoint {asr} not found; run train-asr "
+                                  f"--attn-type {attn_type} --waitk {waitk} or pass "
+                                  "--asr-checkpoint")
+            resolved = resolve(config, [*base, "--load-pretrained-encoder-from", asr])
+    except ConfigError as error:
+        raise RECIPE.fail(f"{step}: {error}") from None
+    return train_run(RECIPE, step, resolved, run_dir(data, task, attn_type, waitk))
+
+
+def train_command(args) -> None:
+    task = args.command.removeprefix("train-")
+    try:
+        config = config_from_arguments(args, f"s2t {args.command}", TRAIN_SHORTCUTS)
+    except ConfigError as error:
+        raise RECIPE.fail(f"{args.command}: {error}") from None
+    asr = getattr(args, "asr_checkpoint", None)
+    train(Path(args.data), task, config, Path(asr) if asr else None)
+
+
+# --------------------------------------------------------------------------- evaluate
+def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, segment_ms: int,
+              sentences: int, quiet: bool = False, extra: Sequence = ()) -> Dict[str, float]:
+    """SimulEval CLI with the speech agent and ``--computation-aware``; returns BLEU and each
+    latency metric plain and ``_CA`` (also written to ``output/scores_plain_ca.tsv``)."""
+    recipe = read_recipe(data, "s2t", "evaluate")
+    source, target = data / "eval.wav_list", data / f"eval.{recipe['lang']}"
+    for path in (source, target):
+        if not path.is_file():
+            raise RECIPE.fail(f"evaluate: missing {path}; run prepare first")
+    output.mkdir(parents=True, exist_ok=True)
+    source, target = RECIPE.first_lines([source, target], output, sentences)
+    (output / "instances.log").unlink(missing_ok=True)  # SimulEval appends to it
+    RECIPE.simuleval(
+        [*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
+         "--checkpoint", checkpoint, "--data-dir", data, "--config-yaml", "config_st.yaml",
+         "--waitk", waitk, "--output", output, "--source-segment-size", segment_ms, *extra],
+        ["--source-type", "speech", "--target-type", "text", "--quality-metrics", "BLEU",
+         "--latency-metrics", *LATENCY_METRICS, "--eval-latency-unit", "word",
+         "--computation-aware"],
+        output, f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet)
+    scores = plain_and_computation_aware_scores(output, LATENCY_METRICS, ("BLEU",), "word")
+    with atomic_output(output / "scores_plain_ca.tsv") as partial:
+        write_scores_tsv(scores, partial)
+    return scores
+
+
+def evaluate(args) -> None:
+    data = Path(args.data)
+    runs = RECIPE.evaluation_runs(
+        args.attn_types, args.waitk,
+        lambda attn_type, waitk: run_dir(data, "st", attn_type, waitk) / args.checkpoint_name,
+        "train-st")
+
+    def evaluate_run(spec: Tuple[str, int, Path]) -> Dict:
+        attn_type, waitk, checkpoint = spec
+        scores = simuleval(data, checkpoint, data / "eval" / f"{attn_type}_k{waitk}", waitk,
+                           args.segment_ms, args.sentences, quiet=args.jobs > 1)
+        log(f"evaluate: {attn_type} wait-{waitk}: "
+            + "  ".join(f"{name} {scores[name]:.2f}" for name in TABLE_COLUMNS))
+        return {"attn_type": attn_type, "waitk": waitk, **scores}
+
+    rows = RECIPE.parallel(evaluate_run, runs, args.jobs)
+    RECIPE.write_results(rows, TABLE_COLUMNS, data / "eval", [("AL", "o-"), ("AL_CA", "s--")],
+                         "latency (ms)")
+
+
+# ------------------------------------------------------------------------------- demo
+def demo(args) -> None:
+    """Synthesise a slice of the built-in gettext-mt data, prepare it, train a tiny ASR and a
+    tiny wait-k ST model (configs/s2t/demo_asr.yaml, demo_st.yaml: LeaP, CPU), evaluate with
+    SimulEval and print BLEU, AL and AL_CA."""
+    out = Path(args.out)
+    corpus = ROOT / "data" / "gettext-mt" / "en-de.{split}.tsv"
+    run([sys.executable, ROOT / "scripts" / "make_tts_corpus.py", "--corpus", corpus,
+         "--src", "en", "--tgt", "de", "--out", out / "tts", "--max-train", args.train_pairs,
+         "--max-valid", args.test_pairs, "--max-test", args.test_pairs], "demo: TTS")
+    prepare(argparse.Namespace(
+        data_root=str(out / "tts"), lang="de", out=str(out), train_split="train",
+        valid_split="dev", eval_split="tst-COMMON", vocab_size_asr=args.vocab_size,
+        vocab_size_st=args.vocab_size, resample=False, max_eval=0))
+    runs = {}
+    for task, updates in (("asr", args.asr_updates), ("st", args.st_updates)):
+        try:
+            config = load_config(f"s2t/demo_{task}", f"s2t train-{task}")
+            apply_shortcuts(config, args, DEMO_SHORTCUTS)
+            config.set("max-update", updates, f"--{task}-updates {updates}")
+        except ConfigError as error:
+            raise RECIPE.fail(f"demo: {error}") from None
+        runs[task] = train(out, task, config)
+    st = runs["st"]
+    scores = simuleval(out, st.directory / "checkpoint_last.pt",
+                       out / "eval" / f"{st.attn_type}_k{st.waitk}", st.waitk, args.segment_ms, 0)
+    print(f"\nSpeech demo ({st.attn_type} wait-{st.waitk}, ASR {args.asr_updates} + ST "
+          f"{args.st_updates} updates, {args.test_pairs} test utterances): "
+          f"BLEU {scores['BLEU']:.2f}  AL {scores['AL']:.0f} ms  AL_CA {scores['AL_CA']:.0f} ms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="prep_mustc.py + evaluation wavs")
+    p.add_argument("--data-root", required=True, help="MuST-C root (holding en-<lang>/)")
+    p.add_argument("--lang", default="de")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--valid-split", default="dev")
+    p.add_argument("--eval-split", default="tst-COMMON")
+    p.add_argument("--max-eval", type=int, default=0, help="first N evaluation segments")
+    p.add_argument("--vocab-size-asr", type=int, default=5000)
+    p.add_argument("--vocab-size-st", type=int, default=8000)
+    p.add_argument("--resample", action="store_true",
+                   help="resample / down-mix audio that is not 16 kHz mono")
+    p.set_defaults(run=prepare)
+
+    for task, default, help in (("asr", "s2t/asr_small", "ASR pre-training of the encoder"),
+                                ("st", "s2t/st_small", "wait-k ST from the ASR encoder")):
+        p = commands.add_parser(f"train-{task}", help=help)
+        p.add_argument("--data", required=True, help="the prepare --out directory")
+        add_config_arguments(p, default, TRAIN_SHORTCUTS)
+        if task == "st":
+            p.add_argument("--asr-checkpoint", help="default: the train-asr run of the same "
+                                                    "attention and wait-k")
+        p.set_defaults(run=train_command)
+
+    p = commands.add_parser("evaluate", help="SimulEval, plain and computation-aware latency")
+    p.add_argument("--data", required=True)
+    p.add_argument("--attn-types", default="leap,softmax")
+    p.add_argument("--waitk", default="5")
+    p.add_argument("--segment-ms", type=int, default=200,
+                   help="SimulEval --source-segment-size: audio per agent call")
+    p.add_argument("--sentences", type=int, default=0, help="first N segments (0: all)")
+    p.add_argument("--checkpoint-name", default="checkpoint_last.pt")
+    p.add_argument("--jobs", type=int, default=1, help="SimulEval runs in parallel")
+    p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("demo", help="TTS slice -> prepare -> tiny ASR -> tiny ST -> eval")
+    p.add_argument("--out", default=str(ROOT / "work" / "demo-s2t"))
+    p.add_argument("--train-pairs", type=int, default=600)
+    p.add_argument("--test-pairs", type=int, default=40)
+    p.add_argument("--vocab-size", type=int, default=1000)
+    add_shortcuts(p, DEMO_SHORTCUTS)  # default: the demo configurations' (3, 4)
+    p.add_argument("--asr-updates", type=int, default=150)
+    p.add_argument("--st-updates", type=int, default=150)
+    p.add_argument("--segment-ms", type=int, default=200)
+    p.set_defaults(run=demo)
+
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
