@@ -41,6 +41,15 @@ def record_initialisation(args: Any) -> None:
             args["load_pretrained_encoder_from"] = None
 
 
+def as_namespace(args: Any) -> Any:
+    """Model args as an argparse Namespace: ``fairseq-hydra-train`` hands a legacy model an
+    omegaconf config, from which fairseq's ``TransformerConfig.from_namespace`` would keep only
+    its own fields and drop ours. A Namespace is returned as it is."""
+    if OmegaConf.is_config(args):
+        return Namespace(**OmegaConf.to_container(args, resolve=True))
+    return args
+
+
 def rename_args(args: Any, renames: Mapping[str, str]) -> None:
     """Move each old option name's value to its new name in model args (a Namespace, or a
     mapping such as an omegaconf config), and drop the old name. The old name's value is kept

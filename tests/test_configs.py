@@ -182,11 +182,6 @@ def test_speech_configs_follow_the_reference_recipe():
     assert load_config("t2t/base").options["arch"] == "leapformer_waitk_transformer_base"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the models build their attention blocks from fairseq's TransformerConfig, which keeps a "
-    "legacy model's own options only from an argparse Namespace, not from the DictConfig "
-    "fairseq-hydra-train hands over: AttributeError: invalid argument leap_factor "
-    "(docs/recipes.md#fairseq-hydra-train)"))
 def test_hydra_train_trains_the_same_model_from_a_run_record(trained, tmp_path):
     """fairseq-hydra-train on a run's hydra_train.yaml (our legacy models and fairseq's legacy
     speech_to_text task in it as fairseq converts them) trains exactly the recipe's model: the

@@ -32,7 +32,7 @@ from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
 from torch import Tensor, nn
 
 from leapformer_fairseq.audio import GlobalCMVN
-from leapformer_fairseq.compat import record_initialisation
+from leapformer_fairseq.compat import as_namespace, record_initialisation
 from leapformer_fairseq.modules.causal_conv_subsampler import CausalConv1dSubsampler
 
 from .attention_config import (
@@ -216,7 +216,7 @@ class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderMo
         """
         s2t_base(args)
         cls.prepare_args(args)
-        cfg = TransformerConfig.from_namespace(args)
+        cfg = TransformerConfig.from_namespace(as_namespace(args))
         encoder = cls.build_encoder(cfg)
         record_initialisation(args)
         tgt_dict = task.target_dictionary

@@ -25,7 +25,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
-from leapformer_fairseq.compat import rename_args
+from leapformer_fairseq.compat import as_namespace, rename_args
 from leapformer_fairseq.modules import (
     StreamingSinusoidalPositionalEmbedding,
     sinusoidal_embeddings,
@@ -201,8 +201,9 @@ class LeaPAttentionBlocks:
     """How both model families (text and speech) build their attention blocks.
 
     ``build_model`` passes the command-line args through :meth:`prepare_args` (renamed options,
-    attention types, defaults and checks), then makes fairseq's ``TransformerConfig`` of them,
-    which keeps every option of ours as an attribute. ``build_encoder`` and ``build_decoder``
+    attention types, defaults and checks), then makes fairseq's ``TransformerConfig`` of them
+    (of a Namespace, :func:`~leapformer_fairseq.compat.as_namespace`), which keeps every option
+    of ours as an attribute. ``build_encoder`` and ``build_decoder``
     take that config and read each block's :class:`AttentionConfig` from the three methods
     below, which a model family overrides to make its encoder causal or its cross-attention
     wait-k. No state outside the arguments.
@@ -261,7 +262,8 @@ class LeaPformerTransformerModel(LeaPAttentionBlocks, TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         cls.prepare_args(args)
-        return super().build_model(args, task)  # fairseq's, which calls build_encoder/decoder
+        # fairseq's, which makes the TransformerConfig and calls build_encoder/decoder
+        return super().build_model(as_namespace(args), task)
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
