@@ -338,8 +338,9 @@ def test_missing_pretrained_encoder_is_an_error(tmp_path):
 
 
 def test_no_eos_before_the_window_covers_the_utterance(utterances, cmvn):
-    """By default a speech stream predicts EOS only once token i's window (i + k) * r covers
-    every encoder frame: the translation runs to the end of the audio."""
+    """By default a speech stream predicts EOS only once token i's window
+    (i + k) * frames_per_unit covers every encoder frame: the translation runs to the end of the
+    audio."""
     model, dictionary = build_s2t_model("leap")
     with torch.no_grad():  # make EOS the most likely token everywhere
         model.decoder.output_projection.bias = torch.nn.Parameter(
