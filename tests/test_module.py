@@ -304,6 +304,26 @@ def test_padding_invariance(attn_type, causal, side):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("kwargs", [dict(self_attention=True, causal=True),
+                                    dict(encoder_decoder_attention=True, waitk_lagging=2)])
+def test_leap_with_input_norm_matches_reference(kwargs):
+    """``leap_input_norm``: the MLPs layer-normalise their input; the module still computes the
+    formula with those proportions, causal self-attention and wait-k cross-attention alike."""
+    module = make_module("leap", leap_input_norm=True, **kwargs)
+    assert isinstance(module.leap_q[0], torch.nn.LayerNorm)
+    with torch.no_grad():  # a non-trivial affine part
+        module.leap_q[0].weight.normal_()
+        module.leap_k[0].bias.normal_()
+    x = torch.randn(9, 2, EMBED)
+    source = torch.randn(11, 2, EMBED) if module.encoder_decoder_attention else x
+    out, _ = module(x, source, source)
+    if module.causal:
+        allowed = torch.ones(9, 9, dtype=torch.bool).tril()
+    else:
+        allowed = torch.arange(11) < (torch.arange(9) + 2).unsqueeze(-1)
+    assert_close_at(out, reference(module, x, source, None, allowed))
+
+
 def test_leap_parameters_use_fairseq_names():
     names = set(dict(make_module("leap", self_attention=True).named_parameters()))
     for prefix in ("q_proj", "k_proj", "v_proj", "out_proj"):

@@ -67,9 +67,13 @@ def stream_translate(model, source, seed, recompute=False):
     return stream
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
-def test_streaming_equals_offline_waitk_greedy(attn_type):
-    model, dictionary = build_waitk_model(attn_type)
+@pytest.mark.parametrize("attn_type,options",
+                         [(attn_type, {}) for attn_type in ATTN_TYPES]
+                         + [("leap", {"leap_input_norm": True})])
+def test_streaming_equals_offline_waitk_greedy(attn_type, options):
+    model, dictionary = build_waitk_model(attn_type, **options)
+    assert all(isinstance(module.leap_q[0], torch.nn.LayerNorm) == bool(options)
+               for module in model.modules() if hasattr(module, "leap_q"))
     outputs = []
     for index, source in enumerate(random_sentences(dictionary)):
         offline = waitk_greedy_decode(model, source)

@@ -26,6 +26,7 @@ class AttentionConfig:
 
     attn_type: str
     leap_factor: int = 4
+    leap_input_norm: bool = False
     eps: float = 0.1
     cosformer_max_positions: int = 1024
     causal: bool = False
@@ -36,6 +37,7 @@ class AttentionConfig:
     def build(self, embed_dim: int, num_heads: int, **kwargs) -> LeaPMultiheadAttention:
         return LeaPMultiheadAttention(
             embed_dim, num_heads, attn_type=self.attn_type, leap_factor=self.leap_factor,
+            leap_input_norm=self.leap_input_norm,
             eps=self.eps, cosformer_max_positions=self.cosformer_max_positions,
             causal=self.causal, frames_per_unit=self.frames_per_unit,
             waitk_lagging=self.waitk_lagging, unit_causal=self.unit_causal, **kwargs,
@@ -70,6 +72,10 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
         )
     group.add_argument("--leap-factor", type=positive(int, "--leap-factor"), metavar="R",
                        help="LeaP MLP hidden size is head_dim // R (default 4)")
+    group.add_argument("--leap-input-norm", action="store_true",
+                       help="layer-normalise the LeaP MLPs' input (the ReLU features of each "
+                            "head) so the proportions can spread (default: off, as saved "
+                            "checkpoints without the option were trained)")
     group.add_argument("--leap-eps", type=positive(float, "--leap-eps"), metavar="EPS",
                        help="denominator clamp max(sum_j s_ij, EPS) of the linear types "
                             "(default 0.1)")
@@ -121,6 +127,7 @@ def attention_config(
     return AttentionConfig(
         attn_type=getattr(args, ATTENTION_BLOCKS[block][0]),
         leap_factor=args.leap_factor,
+        leap_input_norm=bool(getattr(args, "leap_input_norm", False)),
         eps=args.leap_eps,
         cosformer_max_positions=args.cosformer_max_positions,
         causal=causal,

@@ -20,13 +20,13 @@ LINEAR_ATTN_TYPES = ("leap", "cosformer", "linear", "hedgehog")
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
 
-def leap_proportion_mlp(head_dim: int, leap_factor: int) -> nn.Sequential:
+def leap_proportion_mlp(head_dim: int, leap_factor: int,
+                        input_norm: bool = False) -> nn.Sequential:
     """``LeaP(u) = sigmoid(W2 relu(W1 u + b1) + b2)``, ``W1: d -> d / leap_factor``,
-    ``W2: -> 1``."""
+    ``W2: -> 1``; with ``input_norm``, ``u`` is layer-normalised first (``LayerNorm(d)``)."""
     hidden = max(1, head_dim // leap_factor)
-    return nn.Sequential(
-        nn.Linear(head_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid()
-    )
+    layers = [nn.Linear(head_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid()]
+    return nn.Sequential(*([nn.LayerNorm(head_dim)] if input_norm else []), *layers)
 
 
 def hedgehog_map(head_dim: int, gain: float) -> nn.Linear:
@@ -46,6 +46,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
     ``self_attention``, ``encoder_decoder_attention``), first what is computed:
         attn_type: one of ``leap``, ``cosformer``, ``linear``, ``hedgehog``, ``softmax``.
         leap_factor: LeaP MLP hidden size is ``head_dim // leap_factor``.
+        leap_input_norm: layer-normalise the LeaP MLPs' input.
         eps: the denominator clamp ``max(sum_j s_ij, eps)`` of the linear types.
         causal: self-attention where token i sees tokens ``j <= i``. fairseq's future mask passed
             as ``attn_mask`` selects the same thing.
@@ -80,6 +81,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         encoder_decoder_attention: bool = False,
         attn_type: str = "leap",
         leap_factor: int = 4,
+        leap_input_norm: bool = False,
         eps: float = 0.1,
         causal: bool = False,
         cosformer_max_positions: int = 1024,
@@ -126,6 +128,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         )
         self.attn_type = attn_type
         self.leap_factor = leap_factor
+        self.leap_input_norm = leap_input_norm
         self.eps = eps
         self.causal = causal
         self.cosformer_max_positions = cosformer_max_positions
@@ -135,8 +138,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.chunk_size = chunk_size
         self.block_size = block_size
         if attn_type == "leap":
-            self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor)
-            self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor)
+            self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor, leap_input_norm)
+            self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor, leap_input_norm)
         elif attn_type == "hedgehog":  # the query map first undoes fairseq's query scaling
             self.hedgehog_q = hedgehog_map(self.head_dim, 1.0 / self.scaling)
             self.hedgehog_k = hedgehog_map(self.head_dim, 1.0)
