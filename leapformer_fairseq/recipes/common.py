@@ -123,6 +123,21 @@ def refuse_empty(lines: Sequence[str], path: Path, what: str, tag: str,
             raise SystemExit(f"[{tag}] {path}:{number}: empty {what}")
 
 
+def skipped_samples(log_file: Path) -> Dict[str, Tuple[int, str]]:
+    """From a fairseq-train log: per subset (``train``, ``valid``), how many samples fairseq
+    skipped as longer than the model's max positions, and the max_positions it names."""
+    skipped: Dict[str, Tuple[int, str]] = {}
+    subset = "train"
+    for line in Path(log_file).read_text(encoding="utf-8", errors="replace").splitlines():
+        validation = VALIDATION.search(line)
+        subset = validation[1] if validation else "train" if "begin training epoch" in line \
+            else subset
+        match = SKIPPED.search(line)
+        if match and subset not in skipped:
+            skipped[subset] = (int(match[1]), match[2])
+    return skipped
+
+
 class Recipe:
     """Logging and command running for one recipe, tagged ``[tag HH:MM:SS]``."""
 
@@ -164,19 +179,12 @@ class Recipe:
         (``--skip-invalid-size-inputs-valid-test`` skips them in validation too) and returns
         those counts."""
         self.run(command, what, log_file, echo=True)
-        skipped: Dict[str, int] = {}
-        subset = "train"
-        for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
-            validation = VALIDATION.search(line)
-            subset = validation[1] if validation else "train" if "begin training epoch" in line \
-                else subset
-            match = SKIPPED.search(line)
-            if match and subset not in skipped:
-                skipped[subset] = int(match[1])
-                self.log(f"{what}: skipped {match[1]} {subset} sample(s) longer than "
-                         f"max_positions={match[2]} (--max-source-positions, "
-                         f"--max-target-positions); see {log_file}")
-        return skipped
+        skipped = skipped_samples(log_file)
+        for subset, (count, max_positions) in skipped.items():
+            self.log(f"{what}: skipped {count} {subset} sample(s) longer than "
+                     f"max_positions={max_positions} (--max-source-positions, "
+                     f"--max-target-positions); see {log_file}")
+        return {subset: count for subset, (count, _) in skipped.items()}
 
     def simuleval(self, command: Sequence, scoring: Sequence[str], output: Path, what: str,
                   quiet: bool) -> Dict[str, float]:

@@ -70,9 +70,12 @@ def config_path(name: str, base: Path = Path()) -> Path:
 
 
 def available(recipe: Optional[str] = None) -> List[str]:
-    """Names of the configurations under ``configs/`` (of ``recipe`` only, if given)."""
+    """Names of the configurations under ``configs/`` (of ``recipe`` only, if given); the study
+    files in ``configs/studies/`` are not training configurations."""
     names = []
     for path in sorted(CONFIGS.rglob("*.yaml")):
+        if CONFIGS / "studies" in path.parents:
+            continue
         name = path.relative_to(CONFIGS).with_suffix("").as_posix()
         try:
             if recipe is None or load_config(name).recipe == recipe:
@@ -102,7 +105,16 @@ def load_config(name: str, recipe: Optional[str] = None) -> TrainConfig:
     return config
 
 
-def _load(path: Path, chain: Tuple[Path, ...]) -> TrainConfig:
+def load_file(path: Path, extra_keys: Sequence[str] = ()) -> TrainConfig:
+    """The configuration in the file ``path`` with what it extends, named by the path, its
+    ``recipe:`` not checked; the file may hold ``extra_keys`` beside the configuration's own (a
+    study file's ``study:``, leapformer_fairseq.recipes.study), which the caller reads."""
+    config = _load(Path(path), (), tuple(extra_keys))
+    config.name = str(path)
+    return config
+
+
+def _load(path: Path, chain: Tuple[Path, ...], extra_keys: Tuple[str, ...] = ()) -> TrainConfig:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: extends itself (through "
                           f"{' -> '.join(str(p) for p in chain)})")
@@ -118,10 +130,11 @@ def _load(path: Path, chain: Tuple[Path, ...]) -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a configuration is a mapping with the keys "
                           f"{', '.join(KEYS)}; this holds {type(data).__name__}")
-    unknown = [key for key in data if key not in KEYS]
+    keys = (*KEYS, *extra_keys)
+    unknown = [key for key in data if key not in keys]
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}' (a configuration holds "
-                          f"{', '.join(KEYS)}; fairseq-train options go under fairseq-train:)")
+                          f"{', '.join(keys)}; fairseq-train options go under fairseq-train:)")
     if "extends" in data:
         parent = data["extends"]
         if not isinstance(parent, str):

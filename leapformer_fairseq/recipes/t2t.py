@@ -48,6 +48,9 @@ log, run = RECIPE.log, RECIPE.run
 AGENT = ROOT / "simuleval_agents" / "leap_waitk_text_agent.py"
 SPLITS = ("train", "valid", "test")
 LATENCY_METRICS = ("AL", "LAAL", "AP", "DAL")
+# SimulEval's scoring of a text run: latency in words of the detokenised output
+SCORING = ("--source-type", "text", "--target-type", "text", "--quality-metrics", "BLEU",
+           "--latency-metrics", *LATENCY_METRICS, "--eval-latency-unit", "word")
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -136,24 +139,31 @@ def train_command(args) -> None:
 
 # --------------------------------------------------------------------------- evaluate
 def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, sentences: int,
-              extra: Sequence[str] = (), quiet: bool = False) -> Dict[str, float]:
+              extra: Sequence[str] = (), quiet: bool = False, recipe: Recipe = RECIPE,
+              what: Optional[str] = None) -> Dict[str, float]:
     """SimulEval CLI with the agent on the test set (or its first ``sentences``) into ``output``,
     then SimulEval's scoring; ``quiet`` sends its output to ``output/simuleval.log`` instead of
-    the terminal."""
-    recipe = read_recipe(data, "t2t", "evaluate")
-    source, target = data / f"test.{recipe['src']}", data / f"test.{recipe['tgt']}"
+    the terminal. ``recipe`` logs and refuses (the study runner passes its own), ``what`` names
+    the run in its log line and messages (default ``simuleval wait-K RUN``)."""
+    command = simuleval_command(data, checkpoint, output, waitk, sentences, extra, recipe)
+    return recipe.simuleval(command, SCORING, output,
+                            what or f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet)
+
+
+def simuleval_command(data: Path, checkpoint: Path, output: Path, waitk: int, sentences: int,
+                      extra: Sequence[str] = (), recipe: Recipe = RECIPE) -> List:
+    """The SimulEval CLI command of :func:`simuleval` (without its scoring flags), after checking
+    the files ``prepare`` writes and copying the first ``sentences`` test lines into ``output``."""
+    sides = read_recipe(data, recipe.tag, "evaluate")
+    source, target = data / f"test.{sides['src']}", data / f"test.{sides['tgt']}"
     for path in (source, target, data / "data-bin", data / "spm.model"):
         if not path.exists():
-            raise RECIPE.fail(f"evaluate: missing {path}; run prepare first")
+            raise recipe.fail(f"evaluate: missing {path}; run prepare first")
     output.mkdir(parents=True, exist_ok=True)
-    source, target = RECIPE.first_lines([source, target], output, sentences)
-    return RECIPE.simuleval(
-        [*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
-         "--checkpoint", checkpoint, "--data-bin", data / "data-bin", "--spm",
-         data / "spm.model", "--waitk", waitk, "--output", output, *extra],
-        ["--source-type", "text", "--target-type", "text", "--quality-metrics", "BLEU",
-         "--latency-metrics", *LATENCY_METRICS, "--eval-latency-unit", "word"],
-        output, f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet)
+    source, target = recipe.first_lines([source, target], output, sentences)
+    return [*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
+            "--checkpoint", checkpoint, "--data-bin", data / "data-bin", "--spm",
+            data / "spm.model", "--waitk", waitk, "--output", output, *extra]
 
 
 def evaluate(args) -> None:
