@@ -172,7 +172,8 @@ class LeaPS2TEncoder(FairseqEncoder):
 
 @register_model("leapformer_s2t_transformer")
 class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderModel):
-    """Speech-to-text transformer with LeaP (or cosFormer, linear, softmax) attention blocks."""
+    """Speech-to-text transformer with LeaP (or cosFormer, linear, Hedgehog, softmax) attention
+    blocks."""
 
     @staticmethod
     def add_args(parser):

@@ -203,10 +203,10 @@ class LeaPAttentionBlocks:
     ``build_model`` passes the command-line args through :meth:`prepare_args` (renamed options,
     attention types, defaults and checks), then makes fairseq's ``TransformerConfig`` of them
     (of a Namespace, :func:`~leapformer_fairseq.compat.as_namespace`), which keeps every option
-    of ours as an attribute. ``build_encoder`` and ``build_decoder``
-    take that config and read each block's :class:`AttentionConfig` from the three methods
-    below, which a model family overrides to make its encoder causal or its cross-attention
-    wait-k. No state outside the arguments.
+    of ours as an attribute. ``build_encoder`` and ``build_decoder`` take that config and read
+    each block's :class:`AttentionConfig` from the three methods below, which a model family
+    overrides to make its encoder causal or its cross-attention wait-k. No state outside the
+    arguments.
     """
 
     # old option name -> its name now (see upgrade_args)
@@ -252,7 +252,8 @@ def check_waitk_lagging(args: argparse.Namespace) -> int:
 
 @register_model("leapformer_transformer")
 class LeaPformerTransformerModel(LeaPAttentionBlocks, TransformerModel):
-    """fairseq's transformer with LeaP (or cosFormer, linear, softmax) attention blocks."""
+    """fairseq's transformer with LeaP (or cosFormer, linear, Hedgehog, softmax) attention
+    blocks."""
 
     @staticmethod
     def add_args(parser):
