@@ -150,6 +150,8 @@ def test_fairseq_train_runs_from_each_config(name, trained):
     assert checkpoint["optimizer_history"][-1]["num_updates"] == 1
     args = checkpoint["cfg"]["model"]  # a legacy model's: every option fairseq-train parsed
     for key, value in config.options.items():
+        if value is None:  # null: left out of the command
+            continue
         parsed = fairseq_value(getattr(args, key.replace("-", "_")))
         if key == "arch":
             assert parsed == re.sub(r"_(small|base)$", "_tiny", value)
@@ -157,8 +159,13 @@ def test_fairseq_train_runs_from_each_config(name, trained):
             assert parsed == 1
         else:
             assert parsed == value or str(parsed) == str(value), key
-    assert run.waitk == config.options["waitk-lagging"] == args.waitk_lagging
-    assert run.attn_type == "leap" == args.encoder_attn_type == args.cross_attn_type
+    if config.options["waitk-lagging"] is None:  # an offline model
+        assert run.waitk is None and not hasattr(args, "waitk_lagging")
+        assert run.directory.name == f"{run.attn_type}_offline"
+    else:
+        assert run.waitk == config.options["waitk-lagging"] == args.waitk_lagging
+    attn_type = config.options.get("encoder-attn-type", "leap")
+    assert run.attn_type == attn_type == args.encoder_attn_type == args.cross_attn_type
     if config.recipe == "s2t train-st":
         assert args.encoder_initialized_from == str(
             run.directory.parent / f"asr_leap_k{run.waitk}" / "checkpoint_last.pt")
@@ -288,8 +295,9 @@ def train_refusal(data: Path, *arguments: str) -> str:
 def test_an_unknown_config_name_lists_the_available_ones(text_data, tmp_path):
     assert train_refusal(text_data, "--config", "t2t/smal") == (
         f"[t2t] train: --config t2t/smal: no configuration {CONFIGS / 't2t' / 'smal.yaml'}; "
-        "available: t2t/base, t2t/demo, t2t/small")
-    assert available("t2t train") == ["t2t/base", "t2t/demo", "t2t/small"]
+        "available: t2t/base, t2t/demo, t2t/offline_screen, t2t/screen, t2t/small")
+    assert available("t2t train") == ["t2t/base", "t2t/demo", "t2t/offline_screen", "t2t/screen",
+                                      "t2t/small"]
     missing = tmp_path / "mine.yaml"
     assert train_refusal(text_data, "--config", missing) == \
         f"[t2t] train: --config {missing}: no such file"

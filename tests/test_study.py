@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from leapformer_fairseq.modules import ATTN_TYPES
 from leapformer_fairseq.recipes import study, t2t
 from leapformer_fairseq.recipes.config import CONFIGS
 
@@ -346,7 +347,7 @@ def test_bad_flags_and_missing_inputs_are_refused(data, tmp_path, done):
         f"[study] run: {tmp_path / 'none.yaml'}: no such study file"
     assert refusal("run", "studies/nothing") == (
         f"[study] run: studies/nothing: no study file {CONFIGS / 'studies' / 'nothing.yaml'}; "
-        "available: studies/t2t_baselines_en_de, studies/t2t_hypotheses_en_de")
+        "available: studies/t2t_kd_en_de, studies/t2t_screen_en_de")
     assert refusal("run", path, "--data", tmp_path / "nowhere") == (
         f"[study] run: {tmp_path / 'nowhere' / 'data-bin'} not found (--data "
         f"{tmp_path / 'nowhere'}); run scripts/t2t_recipe.py prepare --out "
@@ -445,31 +446,34 @@ def test_a_refusal_through_the_command_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------------- committed studies
 def test_the_committed_studies_resolve_with_the_same_data_for_every_row(data, tmp_path):
-    """Every run of both studies passes fairseq-train's parser (a dry run against the tiny data
-    directory); every row trains with max positions 80, so all rows see the same pairs."""
+    """Every run of the committed studies passes fairseq-train's parser (a dry run against the
+    tiny data directory) at the screening size; every row trains with max positions 80, so all
+    rows see the same pairs, and for 1,000 updates (the fine-tuned row: 500 after 500)."""
     expected = {
-        "studies/t2t_baselines_en_de": ["leap", "softmax", "linear", "cosformer", "hedgehog"],
-        "studies/t2t_hypotheses_en_de": [
-            "leap", "softmax", "enc-linear", "dec-linear", "cross-linear", "enc-leap",
-            "dec-leap", "cross-leap", "leap-prenorm", "softmax-prenorm", "leap-8heads",
-            "softmax-8heads", "leap-eps0.01", "leap-eps1e-4", "leap-inputnorm", "leap-lr5e-4",
-            "leap-lr2e-3",
-            "softmax-lr5e-4", "softmax-lr2e-3"]}
+        "studies/t2t_kd_en_de": ["leap", "softmax"],
+        "studies/t2t_screen_en_de": [
+            "leap", "softmax", "linear", "cosformer", "hedgehog", "enc-linear", "dec-linear",
+            "cross-linear", "leap-prenorm", "softmax-prenorm", "leap-4heads", "softmax-4heads",
+            "leap-eps0.01", "leap-eps1e-4", "leap-inputnorm", "leap-lr5e-4", "leap-lr2e-3",
+            "leap-warmup1000", "leap-from-softmax", "enc-leap", "dec-leap", "cross-leap"]}
     assert study.available_studies() == list(expected)
     for name, rows in expected.items():
         loaded = study.load_study(name)
         assert list(loaded.rows) == rows
-        assert (loaded.base, loaded.seeds, loaded.waitks, loaded.reference, loaded.data) == \
-            ("t2t/small", [1], [3], "softmax", "work/gettext-en-de")
+        assert (loaded.base, loaded.seeds, loaded.waitks, loaded.reference) == \
+            ("t2t/screen", [1], [3], "softmax")
+        assert loaded.data == ("work/gettext-en-de-kd" if "kd" in name else "work/gettext-en-de")
         log = main("run", name, "--data", data, "--out", tmp_path / name, "--dry-run", "--cpu")
         assert log.count(" would start ") == len(rows)
         for row in rows:
             run = study.GridRun(row, 3, 1, tmp_path)
             args = study.resolve_run(loaded, run, data, [], (True, "--cpu")).args
             assert (args.max_update, args.max_source_positions, args.max_target_positions,
-                    args.arch) == (1000, 80, 80, "leapformer_waitk_transformer_small")
+                    args.arch, args.encoder_embed_dim) == (
+                500 if row == "leap-from-softmax" else 1000, 80, 80,
+                "leapformer_waitk_transformer_small", 128)
             types = (args.encoder_attn_type, args.decoder_attn_type, args.cross_attn_type)
-            if name.endswith("baselines_en_de"):
+            if row in ATTN_TYPES:
                 assert types == (row,) * 3
                 assert getattr(args, "cosformer_max_positions", None) == (
                     80 if row == "cosformer" else None)  # unset: the model's 1024

@@ -19,6 +19,7 @@ ROOT = PLUGIN.parent  # the repository: configs/, data/, simuleval_agents/, scri
 Item = TypeVar("Item")
 # The tools run as modules of this interpreter, so the recipes work wherever the packages import
 # (a venv, PYTHONPATH), with or without their console scripts on PATH.
+FAIRSEQ_GENERATE = [sys.executable, "-m", "fairseq_cli.generate"]
 FAIRSEQ_PREPROCESS = [sys.executable, "-m", "fairseq_cli.preprocess"]
 FAIRSEQ_TRAIN = [sys.executable, "-m", "fairseq_cli.train"]
 SIMULEVAL = [sys.executable, "-m", "simuleval.cli"]

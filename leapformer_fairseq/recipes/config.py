@@ -327,7 +327,7 @@ class Resolved:
     """A configuration checked by fairseq's parser: ``options`` under their options' first
     names, ``args`` fairseq's parse of ``base`` + ``options``; ``attn_type`` and ``waitk`` name
     its runs: the per-block types the model will use (``resolve_attention_types``, see
-    :func:`attention_label`) and ``--waitk-lagging``."""
+    :func:`attention_label`) and ``--waitk-lagging`` (``None``: an offline model)."""
 
     config: TrainConfig
     base: List[str]
@@ -335,7 +335,7 @@ class Resolved:
     sources: Dict[str, str]
     args: Namespace
     attn_type: str
-    waitk: int
+    waitk: Optional[int]
 
     def command(self, save_dir: Path) -> List[str]:
         return [*self.base, "--save-dir", str(save_dir), *command_arguments(self.options)]
@@ -386,7 +386,7 @@ def resolve(config: TrainConfig, base: Sequence) -> Resolved:
                     *run_name(config, args))
 
 
-def run_name(config: TrainConfig, args: Namespace) -> Tuple[str, int]:
+def run_name(config: TrainConfig, args: Namespace) -> Tuple[str, Optional[int]]:
     from leapformer_fairseq.models.attention_config import (
         ATTENTION_BLOCKS,
         resolve_attention_types,
@@ -397,11 +397,25 @@ def run_name(config: TrainConfig, args: Namespace) -> Tuple[str, int]:
         resolve_attention_types(args)
     except ValueError as error:
         raise ConfigError(f"--config {config.name}: {error}") from None
-    if getattr(args, "waitk_lagging", None) is None:
+    if not has_option(args.arch, "--waitk-lagging"):  # an offline arch
+        waitk = None
+    elif getattr(args, "waitk_lagging", None) is None:
         raise ConfigError(f"--config {config.name}: no waitk-lagging (set it in the file, or "
                           "--waitk)")
+    else:
+        waitk = args.waitk_lagging
     types = [getattr(args, option) for option, _ in ATTENTION_BLOCKS.values()]
-    return attention_label(types), args.waitk_lagging
+    return attention_label(types), waitk
+
+
+def has_option(arch: str, flag: str) -> bool:
+    """Whether the model of the registered ``arch`` has the option ``flag`` (fairseq's parser
+    leaves unset model options out of the args, so the args cannot tell)."""
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    parser = argparse.ArgumentParser(add_help=False)
+    ARCH_MODEL_REGISTRY[arch].add_args(parser)
+    return any(flag in action.option_strings for action in parser._actions)
 
 
 def first_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
@@ -458,11 +472,16 @@ def hydra_train_config(resolved: Resolved, save_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------- training
 class Run(NamedTuple):
-    """A training run: its directory, named by its attention and wait-k."""
+    """A training run: its directory, named by its attention and wait-k (``None``: offline)."""
 
     directory: Path
     attn_type: str
-    waitk: int
+    waitk: Optional[int]
+
+
+def run_label(attn_type: str, waitk: Optional[int]) -> str:
+    """A run directory's name: ``leap_k3``, or ``softmax_offline`` for an offline model."""
+    return f"{attn_type}_k{waitk}" if waitk is not None else f"{attn_type}_offline"
 
 
 def train_run(recipe: Recipe, step: str, resolved: Resolved, save_dir: Path) -> Run:
@@ -470,7 +489,8 @@ def train_run(recipe: Recipe, step: str, resolved: Resolved, save_dir: Path) -> 
     save_dir.mkdir(parents=True, exist_ok=True)
     command = resolved.command(save_dir)
     write_run_record(save_dir, resolved, command)
-    recipe.train([*FAIRSEQ_TRAIN, *command], f"{step} {resolved.attn_type} wait-{resolved.waitk}",
+    latency = "offline" if resolved.waitk is None else f"wait-{resolved.waitk}"
+    recipe.train([*FAIRSEQ_TRAIN, *command], f"{step} {resolved.attn_type} {latency}",
                  save_dir / "train.log")
     recipe.log(f"{step}: checkpoints in {save_dir}")
     return Run(save_dir, resolved.attn_type, resolved.waitk)

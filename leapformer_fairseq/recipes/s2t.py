@@ -47,6 +47,7 @@ from leapformer_fairseq.recipes.config import (
     config_from_arguments,
     load_config,
     resolve,
+    run_label,
     train_run,
 )
 from leapformer_fairseq.recipes.mustc import load_talk, read_split
@@ -108,8 +109,8 @@ def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resampl
 
 
 # ------------------------------------------------------------------------------ train
-def run_dir(data: Path, task: str, attn_type: str, waitk: int) -> Path:
-    return data / "runs" / f"{task}_{attn_type}_k{waitk}"
+def run_dir(data: Path, task: str, attn_type: str, waitk: Optional[int]) -> Path:
+    return data / "runs" / f"{task}_{run_label(attn_type, waitk)}"
 
 
 def train(data: Path, task: str, config: TrainConfig,

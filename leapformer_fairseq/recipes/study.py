@@ -1,9 +1,9 @@
 """Study runner: a grid of text-to-text wait-k training runs from one study file, their
 SimulEval evaluation, and one table (docs/quality.md).
 
-    python scripts/study.py run studies/t2t_baselines_en_de --jobs 2
-    python scripts/study.py evaluate studies/t2t_baselines_en_de --rows leap --sentences 100
-    python scripts/study.py table studies/t2t_baselines_en_de
+    python scripts/study.py run studies/t2t_screen_en_de --jobs 2
+    python scripts/study.py evaluate studies/t2t_screen_en_de --rows leap --sentences 100
+    python scripts/study.py table studies/t2t_screen_en_de
 
 A study file is a configuration (``configs/``, docs/recipes.md) with ``recipe: t2t study`` and
 one more key, ``study:``. Its ``extends:`` is the base training configuration and its
@@ -108,7 +108,7 @@ def available_studies() -> List[str]:
 
 
 def load_study(name: str) -> Study:
-    """The study file ``name`` (a name under ``configs/``, e.g. ``studies/t2t_baselines_en_de``,
+    """The study file ``name`` (a name under ``configs/``, e.g. ``studies/t2t_screen_en_de``,
     or a ``.yaml`` path); every problem is a :class:`ConfigError` naming the file and key."""
     path = config_path(name).absolute()
     if not path.is_file():
@@ -1008,7 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("study", help="a study file: a name under configs/ (e.g. "
-                                     "studies/t2t_baselines_en_de) or a .yaml path")
+                                     "studies/t2t_screen_en_de) or a .yaml path")
         p.add_argument("--data", help="the t2t_recipe.py prepare --out directory (default: the "
                                       "study's data:)")
         p.add_argument("--out", help="the study's output directory (default: the study's out:, "

@@ -4,6 +4,8 @@
         --src en --tgt de --out work/en-de
     python scripts/t2t_recipe.py train --data work/en-de --config t2t/small --waitk 5
     python scripts/t2t_recipe.py evaluate --data work/en-de --attn-types leap,softmax --waitk 3,5
+    python scripts/t2t_recipe.py distill --data work/en-de --out work/en-de-kd \
+        --teacher work/en-de/runs/softmax_offline/checkpoint_last.pt
     python scripts/t2t_recipe.py demo          # all three on the built-in slice (make demo)
 
 Corpora: the gettext-mt TSV layout (``domain<TAB>src<TAB>tgt`` with a header line), given as a
@@ -15,11 +17,13 @@ and file.
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from leapformer_fairseq.recipes.common import (
+    FAIRSEQ_GENERATE,
     FAIRSEQ_PREPROCESS,
     PLUGIN,
     ROOT,
@@ -40,6 +44,7 @@ from leapformer_fairseq.recipes.config import (
     config_from_arguments,
     load_config,
     resolve,
+    run_label,
     train_run,
 )
 
@@ -112,13 +117,13 @@ def prepare(args) -> None:
 
 
 # ------------------------------------------------------------------------------ train
-def run_dir(data: Path, attn_type: str, waitk: int) -> Path:
-    return data / "runs" / f"{attn_type}_k{waitk}"
+def run_dir(data: Path, attn_type: str, waitk: Optional[int]) -> Path:
+    return data / "runs" / run_label(attn_type, waitk)
 
 
 def train(data: Path, config: TrainConfig) -> Run:
     """fairseq-train of ``config`` on ``data`` (the prepare output) into
-    ``data/runs/<attention>_k<k>``."""
+    ``data/runs/<attention>_k<k>`` (``<attention>_offline`` for an offline arch)."""
     if not (data / "data-bin").is_dir():
         raise RECIPE.fail(f"train: {data / 'data-bin'} not found; run prepare first")
     try:
@@ -135,6 +140,66 @@ def train_command(args) -> None:
     except ConfigError as error:
         raise RECIPE.fail(f"train: {error}") from None
     train(Path(args.data), config)
+
+
+# ---------------------------------------------------------------------------- distill
+HYPOTHESIS = re.compile(r"H-(\d+)\t\S+\t(.*)$")
+
+
+def distill(args) -> None:
+    """Sequence-level knowledge distillation (Kim and Rush, 2016): ``--out`` is ``--data`` with
+    each training target replaced by ``--teacher``'s beam-search translation of its source.
+    Valid and test, the SentencePiece model and the dictionaries are kept, so validation losses
+    on the two stay comparable. Sources the teacher cannot read (longer than its max positions)
+    keep their reference target, and are counted."""
+    data, out, teacher = Path(args.data), Path(args.out), Path(args.teacher)
+    sides = read_recipe(data, "t2t", "distill")
+    src, tgt = sides["src"], sides["tgt"]
+    if not teacher.is_file():
+        raise RECIPE.fail(f"distill: --teacher {teacher}: no such file")
+    if out.resolve() == data.resolve():
+        raise RECIPE.fail(f"distill: --out {out} is --data; give another directory")
+    references = read_lines(data / f"train.spm.{tgt}", "t2t")
+    out.mkdir(parents=True, exist_ok=True)
+    generated = out / "generate"
+    run([*FAIRSEQ_GENERATE, data / "data-bin", "--user-dir", PLUGIN, "--task", "translation",
+         "--path", teacher, "--gen-subset", "train", "--beam", args.beam, "--max-tokens",
+         args.max_tokens, "--skip-invalid-size-inputs-valid-test", "--results-path",
+         generated], f"distill: fairseq-generate (beam {args.beam}) of the "
+        f"{len(references)} training sources", log_file=out / "generate.log")
+    hypotheses: Dict[int, str] = {}
+    for line in read_lines(generated / "generate-train.txt", "t2t"):
+        match = HYPOTHESIS.match(line.rstrip("\n"))
+        if match:
+            hypotheses[int(match[1])] = match[2]
+    kept = [index for index in range(len(references)) if not hypotheses.get(index, "").strip()]
+    targets = [hypotheses[i] if i not in kept else references[i].rstrip("\n")
+               for i in range(len(references))]
+    log(f"distill: {len(references) - len(kept)} targets from the teacher, {len(kept)} "
+        "references kept (sources over the teacher's max positions, or empty translations)")
+    import sentencepiece
+
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(data / "spm.model"))
+    write_text(out / f"train.spm.{tgt}", "".join(t + "\n" for t in targets))
+    write_text(out / f"train.{tgt}", "".join(spm.decode(t.split()) + "\n" for t in targets))
+    for name in [f"train.{src}", f"train.spm.{src}", "spm.model", "spm.vocab",
+                 *(f"{split}{spm_}.{side}" for split in ("valid", "test")
+                   for spm_ in ("", ".spm") for side in (src, tgt))]:
+        shutil.copyfile(data / name, out / name)
+    partial = out / ".data-bin.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    run([*FAIRSEQ_PREPROCESS, "--source-lang", src, "--target-lang", tgt,
+         "--trainpref", out / "train.spm", "--validpref", out / "valid.spm",
+         "--testpref", out / "test.spm", "--destdir", partial,
+         "--srcdict", data / "data-bin" / f"dict.{src}.txt",
+         "--tgtdict", data / "data-bin" / f"dict.{tgt}.txt", "--workers", "2"],
+        "distill: fairseq-preprocess with --data's dictionaries")
+    shutil.rmtree(out / "data-bin", ignore_errors=True)
+    os.replace(partial, out / "data-bin")
+    write_text(out / "recipe.json", json.dumps({
+        **sides, "distilled_from": {"data": str(data), "teacher": str(teacher),
+                                    "beam": args.beam, "references_kept": len(kept)}}) + "\n")
+    log(f"distill: done -> {out}")
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -227,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the prepare --out directory")
     add_config_arguments(p, "t2t/small")
     p.set_defaults(run=train_command)
+
+    p = commands.add_parser("distill", help="sequence-level knowledge distillation data: the "
+                            "training targets translated by a teacher")
+    p.add_argument("--data", required=True, help="the prepare --out directory")
+    p.add_argument("--teacher", required=True, help="checkpoint of an offline model trained on "
+                   "--data (configs/t2t/offline_screen.yaml)")
+    p.add_argument("--out", required=True, help="the distilled data directory (prepare's layout)")
+    p.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    p.add_argument("--max-tokens", type=int, default=8000, help="tokens per generation batch")
+    p.set_defaults(run=distill)
 
     p = commands.add_parser("evaluate", help="SimulEval for attention types x k values")
     p.add_argument("--data", required=True)
