@@ -363,7 +363,8 @@ def test_unknown_attn_type_and_waitk_below_one_are_refused(capsys):
     assert "argument --encoder-attn-type: invalid choice: 'fast'" in capsys.readouterr().err
     from leapformer_fairseq.models import LeaPformerWaitkTransformerModel
 
-    with pytest.raises(ValueError, match="--waitk-lagging must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="--waitk-lagging must be an integer >= 1, a range such as "
+                                         "1-9 or a list such as 1,3,5; got 0"):
         LeaPformerWaitkTransformerModel.prepare_args(parse_training_args("--waitk-lagging", "0"))
 
 

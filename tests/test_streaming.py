@@ -49,11 +49,11 @@ def random_sentences(dictionary, count=20, seed=1):
             for _ in range(count)]
 
 
-def stream_translate(model, source, seed, recompute=False):
+def stream_translate(model, source, seed, recompute=False, waitk=None):
     """Read in random groups of 1-3 tokens (like words of SentencePiece pieces), write when
     wait-k allows, until EOS."""
     rng = random.Random(seed)
-    stream = model.start_stream(recompute=recompute)
+    stream = model.start_stream(recompute=recompute, waitk=waitk)
     position = 0
     while not stream.finished:
         if stream.ready_to_write():

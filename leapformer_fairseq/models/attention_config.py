@@ -1,7 +1,7 @@
 """Command-line options of LeaP attention and their resolution into per-block settings."""
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 from leapformer_fairseq.modules import ATTN_TYPES, LeaPMultiheadAttention
 
@@ -33,6 +33,8 @@ class AttentionConfig:
     frames_per_unit: int = 1
     waitk_lagging: Optional[int] = None
     unit_causal: bool = False
+    # multi-path wait-k: the k values training draws from (empty: one k, waitk_lagging)
+    waitk_train_lags: Tuple[int, ...] = ()
 
     def build(self, embed_dim: int, num_heads: int, **kwargs) -> LeaPMultiheadAttention:
         return LeaPMultiheadAttention(
@@ -121,6 +123,7 @@ def resolve_attention_types(args: argparse.Namespace) -> None:
 def attention_config(
     args: argparse.Namespace, block: str, causal: bool = False, frames_per_unit: int = 1,
     waitk_lagging: Optional[int] = None, unit_causal: bool = False,
+    waitk_train_lags: Tuple[int, ...] = (),
 ) -> AttentionConfig:
     """The settings of one block (``encoder``, ``decoder`` or ``cross``) from resolved args
     (a Namespace, or the ``TransformerConfig`` fairseq makes of one)."""
@@ -134,4 +137,5 @@ def attention_config(
         frames_per_unit=frames_per_unit,
         waitk_lagging=waitk_lagging,
         unit_causal=unit_causal,
+        waitk_train_lags=waitk_train_lags,
     )

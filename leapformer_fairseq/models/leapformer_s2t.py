@@ -48,6 +48,8 @@ from .leapformer_transformer import (
     _wrap_layer,
     check_waitk_lagging,
     stream_position_rows,
+    waitk_cross_attention,
+    waitk_lagging_value,
 )
 from .streaming import SpeechWaitkStream
 
@@ -241,8 +243,10 @@ class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
     @staticmethod
     def add_args(parser):
         LeaPformerS2TTransformerModel.add_args(parser)
-        parser.add_argument("--waitk-lagging", type=int, metavar="K",
-                            help="wait-k lagging in source units (required, >= 1)")
+        parser.add_argument("--waitk-lagging", type=waitk_lagging_value, metavar="K",
+                            help="wait-k lagging in source units (required, >= 1). Several (a "
+                                 "range 1-9, a list 1,3,5): multi-path training, k drawn per "
+                                 "batch")
         parser.add_argument("--frames-per-unit", "--fixed-pre-decision-ratio",
                             dest="frames_per_unit", type=positive(int, "--frames-per-unit"),
                             metavar="N",
@@ -271,8 +275,7 @@ class LeaPformerS2TWaitkModel(LeaPformerS2TTransformerModel):
 
     @classmethod
     def cross_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
-        return attention_config(cfg, "cross", waitk_lagging=cfg.waitk_lagging,
-                                frames_per_unit=cfg.frames_per_unit)
+        return waitk_cross_attention(cfg, frames_per_unit=cfg.frames_per_unit)
 
     def start_stream(self, cmvn: Optional[GlobalCMVN] = None, **options) -> SpeechWaitkStream:
         """A simultaneous wait-k greedy decoding of one utterance (see

@@ -5,7 +5,8 @@
 target token i attends source tokens ``0 .. i + k - 1`` in training exactly as in streaming.
 """
 import argparse
-from typing import Dict, Mapping
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
 from fairseq.distributed import fsdp_wrap
@@ -191,6 +192,29 @@ class LeaPTransformerDecoder(TransformerDecoderBase):
         )
         return _wrap_layer(layer, cfg)
 
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        """fairseq's; a multi-path wait-k decoder in training draws the k of this batch
+        uniformly from ``--waitk-lagging``'s (with torch's generator, which fairseq seeds per
+        update, so resumed training draws the same k)."""
+        lags = self.cross_attention_config.waitk_train_lags
+        if not (self.training and lags and incremental_state is None):
+            return super().forward(prev_output_tokens, encoder_out, incremental_state, **kwargs)
+        with self.lagging(lags[int(torch.randint(len(lags), ()))]):
+            return super().forward(prev_output_tokens, encoder_out, incremental_state, **kwargs)
+
+    @contextmanager
+    def lagging(self, waitk: int) -> Iterator[None]:
+        """Parallel forwards inside use wait-``waitk`` cross-attention (streaming takes its k
+        as an argument)."""
+        blocks = [layer.encoder_attn for layer in self.layers]
+        for block in blocks:
+            block.waitk_lagging = waitk
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block.waitk_lagging = self.cross_attention_config.waitk_lagging
+
     def extend_source(self, incremental_state: Dict, encoder_states: Tensor) -> None:
         """Make new encoder states ``(n, B, C)`` visible to every layer's cross-attention."""
         for layer in self.layers:
@@ -242,12 +266,53 @@ class LeaPAttentionBlocks:
         )
 
 
-def check_waitk_lagging(args: argparse.Namespace) -> int:
-    """``--waitk-lagging``, which a wait-k model requires, or a ``ValueError`` naming it."""
-    lagging = getattr(args, "waitk_lagging", None)
-    if lagging is None or lagging < 1:
-        raise ValueError(f"--waitk-lagging must be an integer >= 1, got {lagging}")
-    return lagging
+WAITK_FORMS = "an integer >= 1, a range such as 1-9 or a list such as 1,3,5"
+
+
+def waitk_lagging_value(text: str) -> Union[int, str]:
+    """The argparse type of ``--waitk-lagging``: one k as an int (as checkpoints saved it before
+    multi-path), a set as its text; :func:`waitk_lags` checks either."""
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def waitk_lags(value: Union[int, str, None]) -> Tuple[int, ...]:
+    """The k values of ``--waitk-lagging``, ascending: ``3`` -> ``(3,)``, ``"1-9"`` -> 1 .. 9,
+    ``"1,3,5"``, ``"1-3,7"``; anything else (a k < 1, a repeated k, an empty range) is a
+    ``ValueError`` naming the option."""
+    problem = ValueError(f"--waitk-lagging must be {WAITK_FORMS}; got {value}")
+    if isinstance(value, int):
+        if value < 1:
+            raise problem
+        return (value,)
+    if not isinstance(value, str) or not value:
+        raise problem
+    lags: List[int] = []
+    for part in value.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise problem
+        start, end = int(first), int(last) if dash else int(first)
+        if start < 1 or end < start:
+            raise problem
+        lags.extend(range(start, end + 1))
+    if len(set(lags)) != len(lags):
+        raise problem
+    return tuple(sorted(lags))
+
+
+def check_waitk_lagging(args: argparse.Namespace) -> Tuple[int, ...]:
+    """The k values of ``--waitk-lagging``, which a wait-k model requires, or a ``ValueError``
+    naming it."""
+    return waitk_lags(getattr(args, "waitk_lagging", None))
+
+
+def waitk_cross_attention(cfg: TransformerConfig, **options) -> AttentionConfig:
+    """The wait-k cross-attention of ``cfg``'s ``--waitk-lagging``: one k, or for several
+    (multi-path) the k that training samples from and the middle one for everything else."""
+    lags = waitk_lags(cfg.waitk_lagging)
+    return attention_config(cfg, "cross", waitk_lagging=lags[len(lags) // 2],
+                            waitk_train_lags=lags if len(lags) > 1 else (), **options)
 
 
 @register_model("leapformer_transformer")
@@ -278,9 +343,10 @@ class LeaPformerWaitkTransformerModel(LeaPformerTransformerModel):
     @staticmethod
     def add_args(parser):
         LeaPformerTransformerModel.add_args(parser)
-        parser.add_argument("--waitk-lagging", type=int, metavar="K",
+        parser.add_argument("--waitk-lagging", type=waitk_lagging_value, metavar="K",
                             help="wait-k lagging: target token i sees source tokens "
-                                 "0 .. i + K - 1 (required, >= 1)")
+                                 "0 .. i + K - 1 (required, >= 1). Several (a range 1-9, a "
+                                 "list 1,3,5): multi-path training, k drawn per batch")
 
     @classmethod
     def prepare_args(cls, args: argparse.Namespace) -> None:
@@ -293,7 +359,7 @@ class LeaPformerWaitkTransformerModel(LeaPformerTransformerModel):
 
     @classmethod
     def cross_attention(cls, cfg: TransformerConfig) -> AttentionConfig:
-        return attention_config(cfg, "cross", waitk_lagging=cfg.waitk_lagging)
+        return waitk_cross_attention(cfg)
 
     def start_stream(self, **options) -> "WaitkStream":
         """A simultaneous wait-k greedy decoding of one sentence (see :class:`WaitkStream`)."""

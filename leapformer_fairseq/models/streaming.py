@@ -38,6 +38,21 @@ def greedy_token(logits: Tensor, dictionary, allow_eos: bool = True) -> int:
     return int(logits.argmax())
 
 
+def stream_waitk(model, waitk: Optional[int]) -> int:
+    """The k to decode ``model`` with: ``waitk``, else the model's ``--waitk-lagging``. A
+    multi-path model serves several k and has no default: :class:`RefusedInput` naming them
+    (an agent without ``--waitk`` stops with that line)."""
+    cross = model.decoder.cross_attention_config
+    if waitk is None and cross.waitk_train_lags:
+        raise RefusedInput(f"the model was trained for every k in {list(cross.waitk_train_lags)} "
+                         "(multi-path wait-k); give the k to decode with (the agents' --waitk)")
+    if waitk is None:
+        waitk = cross.waitk_lagging
+    if waitk < 1:
+        raise ValueError(f"waitk must be >= 1, got {waitk}")
+    return waitk
+
+
 def eos_allowed(position: int, waitk: int, frames_per_unit: int, source_frames: Optional[int],
                 eos_before_end: bool) -> bool:
     """May target token ``position`` be EOS? Always with ``eos_before_end``; otherwise only once
@@ -62,9 +77,7 @@ class _WaitkDecoding:
         if model.training:
             raise ValueError("streaming needs the model in eval mode (model.eval())")
         self.model = model
-        self.waitk = waitk or model.decoder.cross_attention_config.waitk_lagging
-        if not self.waitk or self.waitk < 1:
-            raise ValueError(f"waitk must be >= 1, got {self.waitk}")
+        self.waitk = stream_waitk(model, waitk)
         self.frames_per_unit = frames_per_unit
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         self.recompute = recompute
@@ -129,7 +142,8 @@ class _WaitkDecoding:
         prev_tokens = torch.tensor([[self.target_eos] + self.target], device=self.device)
         if self.recompute:
             encoder_out = self._recompute_encoder_out()
-            logits, _ = self.model.decoder(prev_tokens, encoder_out=encoder_out)
+            with self.model.decoder.lagging(self.waitk):
+                logits, _ = self.model.decoder(prev_tokens, encoder_out=encoder_out)
             self.decoder_positions_computed += prev_tokens.size(1)
             logits = logits[0, -1]
         else:
@@ -302,21 +316,24 @@ class SpeechWaitkStream(_WaitkDecoding):
 
 @torch.no_grad()
 def greedy_decode_from_encoder_out(model, encoder_out: Dict, source_units: int,
-                                   max_len_a: float, max_len_b: int,
-                                   eos_before_end: bool) -> List[int]:
+                                   max_len_a: float, max_len_b: int, eos_before_end: bool,
+                                   waitk: Optional[int] = None) -> List[int]:
     """Offline wait-k greedy decoding from a full ``encoder_out``: every step is a full parallel
-    decoder forward whose cross-attention limits follow the wait-k schedule of training. The
-    reference that streaming must reproduce token for token."""
+    decoder forward whose cross-attention limits follow the wait-k schedule of training, at
+    ``waitk`` (default: the model's k; a multi-path model needs it). The reference that
+    streaming must reproduce token for token."""
     eos = model.decoder.dictionary.eos()
     device = next(model.parameters()).device
     cross = model.decoder.cross_attention_config
+    waitk = stream_waitk(model, waitk)
     source_frames = encoder_out["encoder_out"][0].size(0)
     target: List[int] = []
     while not target or target[-1] != eos:
         prev_tokens = torch.tensor([[eos] + target], device=device)
-        logits, _ = model.decoder(prev_tokens, encoder_out=encoder_out)
-        allow_eos = eos_allowed(len(target), cross.waitk_lagging, cross.frames_per_unit,
-                                source_frames, eos_before_end)
+        with model.decoder.lagging(waitk):
+            logits, _ = model.decoder(prev_tokens, encoder_out=encoder_out)
+        allow_eos = eos_allowed(len(target), waitk, cross.frames_per_unit, source_frames,
+                                eos_before_end)
         token = greedy_token(logits[0, -1], model.decoder.dictionary, allow_eos)
         if len(target) + 1 >= max_len_a * source_units + max_len_b:
             token = eos
@@ -327,14 +344,15 @@ def greedy_decode_from_encoder_out(model, encoder_out: Dict, source_units: int,
 @torch.no_grad()
 def waitk_greedy_decode(
     model, source: Sequence[int], max_len_a: float = 2.0, max_len_b: int = 10,
-    eos_before_end: bool = True,
+    eos_before_end: bool = True, waitk: Optional[int] = None,
 ) -> List[int]:
-    """Offline wait-k greedy decoding of a text source (token ids without EOS)."""
+    """Offline wait-k greedy decoding of a text source (token ids without EOS), at ``waitk``
+    (default: the model's k)."""
     device = next(model.parameters()).device
     tokens = torch.tensor([list(source) + [model.encoder.dictionary.eos()]], device=device)
     encoder_out = model.encoder(tokens, src_lengths=torch.tensor([tokens.size(1)], device=device))
     return greedy_decode_from_encoder_out(model, encoder_out, tokens.size(1), max_len_a,
-                                          max_len_b, eos_before_end)
+                                          max_len_b, eos_before_end, waitk)
 
 
 @torch.no_grad()

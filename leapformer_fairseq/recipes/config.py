@@ -29,7 +29,7 @@ from argparse import Namespace
 from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -210,7 +210,15 @@ class Shortcut:
 
 
 ATTENTION_KEYS = ("encoder-attn-type", "decoder-attn-type", "cross-attn-type")
-WAITK = Shortcut("--waitk", ("waitk-lagging",), "wait-k lagging", int)
+def waitk_value(text: str) -> Any:
+    """``--waitk``'s type: fairseq's ``--waitk-lagging`` type (one k, or a multi-path set)."""
+    from leapformer_fairseq.models.leapformer_transformer import waitk_lagging_value
+
+    return waitk_lagging_value(text)
+
+
+WAITK = Shortcut("--waitk", ("waitk-lagging",), "wait-k lagging k; several (a range 1-9, a list "
+                 "1,3,5) train one multi-path model", waitk_value)
 SHORTCUTS = (
     Shortcut("--arch", ("arch",), "the registered architecture"),
     Shortcut("--attn-type", ATTENTION_KEYS, "attention type of all blocks, or the encoder, "
@@ -335,7 +343,7 @@ class Resolved:
     sources: Dict[str, str]
     args: Namespace
     attn_type: str
-    waitk: Optional[int]
+    waitk: Union[int, str, None]
 
     def command(self, save_dir: Path) -> List[str]:
         return [*self.base, "--save-dir", str(save_dir), *command_arguments(self.options)]
@@ -386,7 +394,7 @@ def resolve(config: TrainConfig, base: Sequence) -> Resolved:
                     *run_name(config, args))
 
 
-def run_name(config: TrainConfig, args: Namespace) -> Tuple[str, Optional[int]]:
+def run_name(config: TrainConfig, args: Namespace) -> Tuple[str, Union[int, str, None]]:
     from leapformer_fairseq.models.attention_config import (
         ATTENTION_BLOCKS,
         resolve_attention_types,
@@ -472,14 +480,15 @@ def hydra_train_config(resolved: Resolved, save_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------- training
 class Run(NamedTuple):
-    """A training run: its directory, named by its attention and wait-k (``None``: offline)."""
+    """A training run: its directory, named by its attention and wait-k (``None``: offline; a
+    multi-path set as its text, ``1-9``)."""
 
     directory: Path
     attn_type: str
-    waitk: Optional[int]
+    waitk: Union[int, str, None]
 
 
-def run_label(attn_type: str, waitk: Optional[int]) -> str:
+def run_label(attn_type: str, waitk: Union[int, str, None]) -> str:
     """A run directory's name: ``leap_k3``, or ``softmax_offline`` for an offline model."""
     return f"{attn_type}_k{waitk}" if waitk is not None else f"{attn_type}_offline"
 
