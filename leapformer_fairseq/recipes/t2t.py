@@ -172,7 +172,7 @@ def distill(args) -> None:
         match = HYPOTHESIS.match(line.rstrip("\n"))
         if match:
             hypotheses[int(match[1])] = match[2]
-    kept = [index for index in range(len(references)) if not hypotheses.get(index, "").strip()]
+    kept = {index for index in range(len(references)) if not hypotheses.get(index, "").strip()}
     targets = [hypotheses[i] if i not in kept else references[i].rstrip("\n")
                for i in range(len(references))]
     log(f"distill: {len(references) - len(kept)} targets from the teacher, {len(kept)} "
