@@ -247,6 +247,53 @@ def test_table_writes_the_same_results_again(done):
     assert again["rows"] == done.results["rows"] and again["runs"] == done.results["runs"]
 
 
+# --------------------------------------------------------------------------- multi-path
+def test_a_multipath_model_is_evaluated_at_every_k_beside_per_k_models(data, tmp_path):
+    """waitk: [2, 1-3]: per row a wait-2 model and one multi-path model, the latter evaluated
+    at k = 1, 2, 3 from its one checkpoint, each against the reference's multi-path model at
+    the same k; the table has a line per k."""
+    path = write_study(tmp_path / "multi.yaml", data,
+                       section={"seeds": [1], "waitk": [WAITK, "1-3"]})
+    out = tmp_path / "out"
+    main("run", path, "--out", out, "--jobs", 2, "--cpu")
+    log = main("evaluate", path, "--out", out, "--sentences", 4, "--jobs", 2)
+    assert "evaluate: 8 evaluation(s) of 4 run(s)" in log
+    results = json.loads((out / "results.json").read_text())
+    for row in ROWS:
+        multi = out / row / "k1-3_seed1"
+        record = json.loads((multi / "run.json").read_text())
+        assert record["waitk"] == "1-3" and record["args"]["waitk_lagging"] == "1-3"
+        assert not (multi / "eval_checkpoint_last_4").exists()
+        instances = {}
+        for k in (1, 2, 3):
+            evaluation = json.loads((multi / f"eval_checkpoint_last_4_k{k}" /
+                                     "eval.json").read_text())
+            assert evaluation["waitk"] == k and f"--waitk {k} " in evaluation["command"]
+            assert evaluation["checkpoint"] == str(multi / "checkpoint_last.pt")
+            instances[k] = (multi / f"eval_checkpoint_last_4_k{k}" / "instances.log").read_text()
+            lines = [line for line in results["rows"] if line["row"] == row
+                     and line["trained"] == "1-3" and line["waitk"] == k]
+            assert len(lines) == 1 and lines[0]["BLEU"]["mean"] == evaluation["scores"]["BLEU"]
+        # wait-1 reads less source before each write than wait-3
+        delays = {k: [json.loads(line)["delays"] for line in instances[k].splitlines()]
+                  for k in instances}
+        assert all(a <= b for d1, d3 in zip(delays[1], delays[3]) for a, b in zip(d1, d3))
+        assert delays[1] != delays[3]
+        single = [line for line in results["rows"] if line["row"] == row
+                  and line["trained"] == WAITK]
+        assert [line["waitk"] for line in single] == [WAITK]
+    leap = {line["waitk"]: line for line in results["rows"]
+            if line["row"] == "leap" and line["trained"] == "1-3"}
+    for k, line in leap.items():
+        softmax = json.loads((out / "softmax" / "k1-3_seed1" / f"eval_checkpoint_last_4_k{k}" /
+                              "eval.json").read_text())["scores"]
+        assert line["al_diff"]["mean"] == pytest.approx(line["AL"]["mean"] - softmax["AL"])
+        assert line["p_value"] is not None
+    table = (out / "results.md").read_text()
+    assert "| leap | 3 (multi-path 1-3) | 1 | 40 |" in table
+    assert f"| leap | {WAITK} | 1 | 40 |" in table
+
+
 # ------------------------------------------------------------------ partial runs, changes
 def test_partial_runs_are_refused_and_resumed_only_when_asked(done, tmp_path):
     out = tmp_path / "out"
@@ -314,6 +361,9 @@ def test_partial_runs_are_refused_and_resumed_only_when_asked(done, tmp_path):
      "FILE: fairseq-train: waitk-lagging is set for every run by study: waitk; leave it out"),
     (dict(section={"data": 3}), "FILE: study: data: a directory, got 3"),
     (dict(section={"waitk": [2, 2]}), "FILE: study: waitk: [2, 2] repeats a value"),
+    (dict(section={"waitk": [2, "3-1"]}),
+     "FILE: study: waitk: integers >= 1 or multi-path sets such as 1-9 (one or a list), got "
+     "[2, '3-1']"),
     (dict(section={"rows": ["leap", "softmax"]}),
      "FILE: study: rows: a mapping of row name -> fairseq-train options, got list"),
     (dict(section={"rows": {"leap": "leap", "softmax": None}}),

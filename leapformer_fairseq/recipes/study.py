@@ -8,8 +8,9 @@ SimulEval evaluation, and one table (docs/quality.md).
 A study file is a configuration (``configs/``, docs/recipes.md) with ``recipe: t2t study`` and
 one more key, ``study:``. Its ``extends:`` is the base training configuration and its
 ``fairseq-train:`` the options every run shares (the budget); ``study:`` names the prepared data,
-the seeds, the wait-k values, the rows (row name -> fairseq-train options over the base) and the
-reference row. Every row x k x seed is one fairseq-train run in ``OUT/<row>/k<k>_seed<s>/``,
+the seeds, the wait-k values (a multi-path set such as ``1-9`` too: one model evaluated at every
+k of it), the rows (row name -> fairseq-train options over the base) and the reference row.
+Every row x k x seed is one fairseq-train run in ``OUT/<row>/k<k>_seed<s>/``,
 with the recipes' run record (``config.yaml``) and the runner's (``run.json``). ``run`` trains
 (finished runs are skipped, partial ones refused unless ``--resume``) and records validation
 loss; ``evaluate`` runs SimulEval with the text agent on chosen rows and the reference; both,
@@ -33,7 +34,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -92,7 +93,7 @@ class Study:
     data: Optional[str]
     out: Optional[str]
     seeds: List[int]
-    waitks: List[int]
+    waitks: List[Union[int, str]]  # a training k, or a multi-path set ("1-9")
     reference: str
     rows: Dict[str, List[Tuple[str, Any]]]
     simuleval: List[str]
@@ -147,13 +148,14 @@ def load_study(name: str) -> Study:
             raise ConfigError(f"{where}: {key}: a directory, got {section[key]!r}")
     return Study(path=path, config=config, base=data.get("extends"), data=section.get("data"),
                  out=section.get("out"), seeds=integers(section["seeds"], f"{where}: seeds", 0),
-                 waitks=integers(section["waitk"], f"{where}: waitk", 1), reference=reference,
+                 waitks=waitk_values(section["waitk"], f"{where}: waitk"), reference=reference,
                  rows=rows, simuleval=simuleval_flags(section.get("simuleval"), path))
 
 
 STUDY_HELP = {
     "seeds": "the seeds of every row, e.g. seeds: [1, 2, 3]",
-    "waitk": "the wait-k values of every row, e.g. waitk: [3]",
+    "waitk": "the wait-k values of every row, e.g. waitk: [3], or a multi-path set, "
+             "waitk: [3, 1-9]",
     "reference": "the row the others are compared with, e.g. reference: softmax",
     "rows": "row name -> the fairseq-train options it sets over the base, e.g. leap: "
             "{attn-type: leap}",
@@ -167,6 +169,33 @@ def integers(value: Any, where: str, least: int) -> List[int]:
     if len(set(values)) != len(values):
         raise ConfigError(f"{where}: {value!r} repeats a value")
     return values
+
+
+def waitk_values(value: Any, where: str) -> List[Union[int, str]]:
+    """``study: waitk``: integers >= 1 and multi-path sets (``1-9``, ``1,3,5``: one model
+    trained for all of them, evaluated at each), as ``--waitk-lagging`` takes them."""
+    from leapformer_fairseq.models.leapformer_transformer import waitk_lags
+
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        try:
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise ValueError
+            waitk_lags(v)
+        except ValueError:
+            raise ConfigError(f"{where}: integers >= 1 or multi-path sets such as 1-9 (one or a "
+                              f"list), got {value!r}") from None
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{where}: {value!r} repeats a value")
+    return values
+
+
+def evaluation_lags(waitk: Union[int, str]) -> List[int]:
+    """The k values a run trained with ``waitk`` is evaluated at: its own, or every k of a
+    multi-path set."""
+    from leapformer_fairseq.models.leapformer_transformer import waitk_lags
+
+    return list(waitk_lags(waitk))
 
 
 def read_rows(rows: Any, path: Path) -> Dict[str, List[Tuple[str, Any]]]:
@@ -231,7 +260,7 @@ def simuleval_flags(options: Any, path: Path) -> List[str]:
 @dataclass
 class GridRun:
     row: str
-    waitk: int
+    waitk: Union[int, str]  # the training k, or a multi-path set
     seed: int
     directory: Path
     resolved: Optional[Resolved] = None
@@ -243,7 +272,7 @@ class GridRun:
         return f"{self.row} k{self.waitk} seed {self.seed}"
 
 
-def run_directory(out: Path, row: str, waitk: int, seed: int) -> Path:
+def run_directory(out: Path, row: str, waitk: Union[int, str], seed: int) -> Path:
     return out / row / f"k{waitk}_seed{seed}"
 
 
@@ -625,22 +654,27 @@ def run_command(args) -> None:
 
 
 # ------------------------------------------------------------------------------ evaluation
-def evaluation_directory(run_dir: Path, checkpoint: str, sentences: int) -> Path:
-    return run_dir / f"eval_{Path(checkpoint).stem}_{sentences or 'all'}"
+def evaluation_directory(run: GridRun, checkpoint: str, sentences: int, waitk: int) -> Path:
+    """``RUN/eval_<checkpoint>_<N or all>``; a multi-path run's evaluation at k adds ``_k<k>``."""
+    name = f"eval_{Path(checkpoint).stem}_{sentences or 'all'}"
+    return run.directory / (name if waitk == run.waitk else f"{name}_k{waitk}")
 
 
-def evaluate_run(run: GridRun, study: Study, data: Path, settings: Dict, position: str) -> None:
+def evaluate_run(run: GridRun, waitk: int, study: Study, data: Path, settings: Dict,
+                 position: str) -> None:
+    """SimulEval of ``run``'s checkpoint at ``waitk``, recorded in its evaluation directory."""
     checkpoint = run.directory / settings["checkpoint"]
-    output = evaluation_directory(run.directory, settings["checkpoint"], settings["sentences"])
+    output = evaluation_directory(run, settings["checkpoint"], settings["sentences"], waitk)
+    label = run.label if waitk == run.waitk else f"{run.label} at k{waitk}"
     record_path = output / "eval.json"
     record = read_json(record_path)
     if record and record.get("fingerprint") == fingerprint(checkpoint) and \
             record.get("simuleval") == study.simuleval:
-        log(f"{position} skip {run.label}: evaluated ({output})")
+        log(f"{position} skip {label}: evaluated ({output})")
         return
     record_path.unlink(missing_ok=True)
-    what = f"simuleval {run.label}"
-    command = t2t.simuleval_command(data, checkpoint, output, run.waitk, settings["sentences"],
+    what = f"simuleval {label}"
+    command = t2t.simuleval_command(data, checkpoint, output, waitk, settings["sentences"],
                                     study.simuleval, RECIPE)
     start = time.monotonic()  # the start line: the command, logged by Recipe.run
     scores = RECIPE.simuleval(command, t2t.SCORING, output, f"{position} {what}", quiet=True)
@@ -649,7 +683,7 @@ def evaluate_run(run: GridRun, study: Study, data: Path, settings: Dict, positio
     write_json(record_path, {
         "checkpoint": str(checkpoint), "fingerprint": fingerprint(checkpoint),
         "updates": checkpoint_updates(checkpoint), "sentences": settings["sentences"],
-        "simuleval": flags, "scores": scores, "seconds": seconds,
+        "waitk": waitk, "simuleval": flags, "scores": scores, "seconds": seconds,
         "device": flags[flags.index("--device") + 1] if "--device" in flags else "cpu",
         "agent_threads": int(flags[flags.index("--threads") + 1]) if "--threads" in flags
         else 1, "command": shlex.join([str(c) for c in [*command, *t2t.SCORING,
@@ -680,14 +714,17 @@ def evaluate_command(args) -> None:
     settings = {"checkpoint": args.checkpoint_name, "sentences": args.sentences}
     record_command(out, args)
     write_json(out / "evaluation.json", settings)
-    log(f"evaluate: {len(runs)} run(s) ({', '.join(rows)}), {args.jobs} at a time, "
-        f"{args.sentences or 'all'} test sentence(s), {args.checkpoint_name}")
-    positions = {id(run): f"[{number}/{len(runs)}]" for number, run in enumerate(runs, 1)}
-    failures = parallel(runs, args.jobs, lambda run, slot: evaluate_run(
-        run, study, data, settings, positions[id(run)]))
+    pairs = [(run, waitk) for run in runs for waitk in evaluation_lags(run.waitk)]
+    items = [(f"[{number}/{len(pairs)}]", run, waitk)
+             for number, (run, waitk) in enumerate(pairs, 1)]
+    log(f"evaluate: {len(items)} evaluation(s) of {len(runs)} run(s) ({', '.join(rows)}), "
+        f"{args.jobs} at a time, {args.sentences or 'all'} test sentence(s), "
+        f"{args.checkpoint_name}")
+    failures = parallel(items, args.jobs, lambda item, slot: evaluate_run(
+        item[1], item[2], study, data, settings, item[0]))
     write_table(study, out, settings)
     if failures:
-        raise RECIPE.fail(f"evaluate: {len(failures)} of {len(runs)} evaluation(s) failed: "
+        raise RECIPE.fail(f"evaluate: {len(failures)} of {len(items)} evaluation(s) failed: "
                           + " | ".join(f.removeprefix("[study] ") for f in failures))
 
 
@@ -732,42 +769,46 @@ def stats(values: Sequence[Optional[float]]) -> Dict[str, Any]:
 
 
 def collect(study: Study, out: Path, settings: Optional[Dict]) -> Dict:
-    """The results of the study's runs from their records: per run (``runs``) and per row and k
-    (``rows``), compared with the reference row at the same k and seed."""
+    """The results of the study's runs from their records: per run and evaluated k (``runs``:
+    a multi-path run once per k of its set) and per row, training k and evaluated k (``rows``),
+    compared with the reference row's run of the same training k and seed at the same k."""
     tokenizer = "13a"
     if "--sacrebleu-tokenizer" in study.simuleval:
         tokenizer = study.simuleval[study.simuleval.index("--sacrebleu-tokenizer") + 1]
     runs: List[Dict] = []
-    evaluated: Dict[Tuple[str, int, int], Tuple[Dict, Path]] = {}
+    evaluated: Dict[Tuple, Tuple[Dict, Path]] = {}
     for run in grid(study, out, list(study.rows)):
         record = read_json(run.directory / "run.json")
         if record is None:
             continue
-        entry = {key: record.get(key) for key in (
-            "row", "waitk", "seed", "finished", "updates", "max_update", "valid_loss",
+        trained = {key: record.get(key) for key in (
+            "row", "seed", "finished", "updates", "max_update", "valid_loss",
             "best_valid_loss", "valid_curve", "skipped", "train_seconds")}
-        entry.update(directory=str(run.directory), devices=list(dict.fromkeys(
-                         describe(session["device"]) for session in record["sessions"])),
-                     commands=[session["command"] for session in record["sessions"]])
-        if settings and (run.directory / settings["checkpoint"]).is_file():
-            checkpoint = run.directory / settings["checkpoint"]
-            output = evaluation_directory(run.directory, settings["checkpoint"],
-                                          settings["sentences"])
-            evaluation = read_json(output / "eval.json")
-            if evaluation and evaluation["fingerprint"] == fingerprint(checkpoint) and \
-                    evaluation["simuleval"] == study.simuleval:
-                entry["eval"] = {"directory": str(output), **evaluation["scores"],
-                                 "sentences": evaluation["sentences"],
-                                 "seconds": evaluation["seconds"],
-                                 "command": evaluation["command"]}
-                evaluated[(run.row, run.waitk, run.seed)] = (entry["eval"], output)
-            elif evaluation:
-                log(f"table: {output} evaluated another checkpoint or with other SimulEval "
-                    "options; left out")
-        runs.append(entry)
+        trained.update(trained=run.waitk, directory=str(run.directory),
+                       devices=list(dict.fromkeys(describe(session["device"])
+                                                  for session in record["sessions"])),
+                       commands=[session["command"] for session in record["sessions"]])
+        for waitk in evaluation_lags(run.waitk):
+            entry = {**trained, "waitk": waitk}
+            checkpoint = run.directory / settings["checkpoint"] if settings else None
+            if checkpoint is not None and checkpoint.is_file():
+                output = evaluation_directory(run, settings["checkpoint"],
+                                              settings["sentences"], waitk)
+                evaluation = read_json(output / "eval.json")
+                if evaluation and evaluation["fingerprint"] == fingerprint(checkpoint) and \
+                        evaluation["simuleval"] == study.simuleval:
+                    entry["eval"] = {"directory": str(output), **evaluation["scores"],
+                                     "sentences": evaluation["sentences"],
+                                     "seconds": evaluation["seconds"],
+                                     "command": evaluation["command"]}
+                    evaluated[(run.row, run.waitk, waitk, run.seed)] = (entry["eval"], output)
+                elif evaluation:
+                    log(f"table: {output} evaluated another checkpoint or with other SimulEval "
+                        "options; left out")
+            runs.append(entry)
     for entry in runs:
-        key = (entry["row"], entry["waitk"], entry["seed"])
-        reference = evaluated.get((study.reference, entry["waitk"], entry["seed"]))
+        key = (entry["row"], entry["trained"], entry["waitk"], entry["seed"])
+        reference = evaluated.get((study.reference, *key[1:]))
         if key not in evaluated or reference is None:
             continue
         scores, output = evaluated[key]
@@ -782,27 +823,39 @@ def collect(study: Study, out: Path, settings: Optional[Dict]) -> Dict:
             bootstrap_bleu=test["bleu"], bootstrap_reference_bleu=test["reference_bleu"])
     rows = []
     for row in study.rows:
-        for waitk in study.waitks:
-            finished = [e for e in runs if e["row"] == row and e["waitk"] == waitk
-                        and e["finished"]]
-            if not finished:
-                continue
-            scored = [e["eval"] for e in finished if "eval" in e]
-            result = {"row": row, "waitk": waitk, "seeds": [e["seed"] for e in finished],
-                      "seeds_evaluated": [e["seed"] for e in finished if "eval" in e],
-                      "updates": sorted({e["updates"] for e in finished}),
-                      "valid_loss": stats([e["valid_loss"] for e in finished]),
-                      "best_valid_loss": stats([e["best_valid_loss"] for e in finished])}
-            for metric in METRICS:
-                result[metric] = stats([s[metric] for s in scored])
-            result["bleu_ratio"] = stats([s.get("bleu_ratio") for s in scored])
-            result["al_diff"] = stats([s.get("al_diff") for s in scored])
-            p_values = {str(e["seed"]): e["eval"]["p_value"] for e in finished
-                        if e.get("eval", {}).get("p_value") is not None}
-            result["p_values"] = p_values
-            result["p_value"] = max(p_values.values()) if p_values else None
-            rows.append(result)
+        for trained in study.waitks:
+            for waitk in evaluation_lags(trained):
+                finished = [e for e in runs if e["row"] == row and e["trained"] == trained
+                            and e["waitk"] == waitk and e["finished"]]
+                if finished:
+                    rows.append(row_result(row, trained, waitk, finished))
     return {"runs": runs, "rows": rows, "tokenizer": tokenizer}
+
+
+def row_result(row: str, trained: Union[int, str], waitk: int, finished: List[Dict]) -> Dict:
+    """One line of the table: a row's finished runs of one training k, evaluated at ``waitk``,
+    as mean and standard deviation over seeds."""
+    scored = [e["eval"] for e in finished if "eval" in e]
+    result = {"row": row, "trained": trained, "waitk": waitk,
+              "seeds": [e["seed"] for e in finished],
+              "seeds_evaluated": [e["seed"] for e in finished if "eval" in e],
+              "updates": sorted({e["updates"] for e in finished}),
+              "valid_loss": stats([e["valid_loss"] for e in finished]),
+              "best_valid_loss": stats([e["best_valid_loss"] for e in finished])}
+    for metric in METRICS:
+        result[metric] = stats([s[metric] for s in scored])
+    result["bleu_ratio"] = stats([s.get("bleu_ratio") for s in scored])
+    result["al_diff"] = stats([s.get("al_diff") for s in scored])
+    p_values = {str(e["seed"]): e["eval"]["p_value"] for e in finished
+                if e.get("eval", {}).get("p_value") is not None}
+    result["p_values"] = p_values
+    result["p_value"] = max(p_values.values()) if p_values else None
+    return result
+
+
+def waitk_label(waitk: int, trained: Union[int, str]) -> str:
+    """The k of a table line: ``3``, or ``3 (multi-path 1-9)`` for a multi-path model."""
+    return str(waitk) if waitk == trained else f"{waitk} (multi-path {trained})"
 
 
 def fmt(value: Optional[float], digits: int, sign: bool = False) -> str:
@@ -885,7 +938,7 @@ def write_table(study: Study, out: Path, settings: Optional[Dict]) -> Dict:
         if evaluated and len(row["seeds_evaluated"]) != len(row["seeds"]):
             seeds += f" ({len(row['seeds_evaluated'])} evaluated)"
         updates = row["updates"]
-        cells = [row["row"], str(row["waitk"]), seeds,
+        cells = [row["row"], waitk_label(row["waitk"], row["trained"]), seeds,
                  f"{updates[0]}-{updates[-1]}" if len(updates) > 1 else str(updates[0]),
                  mean_std(row["valid_loss"], 3), mean_std(row["best_valid_loss"], 3)]
         if evaluated:
@@ -911,7 +964,7 @@ def write_table(study: Study, out: Path, settings: Optional[Dict]) -> Dict:
               + (" BLEU | AL | LAAL | p |" if evaluated else ""),
               "|" + "---|" * (12 if evaluated else 8)]
     for run in runs:
-        cells = [run["row"], str(run["waitk"]), str(run["seed"]),
+        cells = [run["row"], waitk_label(run["waitk"], run["trained"]), str(run["seed"]),
                  f"{run['updates']}" + ("" if run["finished"] else " (partial)"),
                  fmt(run["valid_loss"], 3), fmt(run["best_valid_loss"], 3),
                  duration(run["train_seconds"] or 0), "; ".join(run["devices"])]
@@ -947,21 +1000,26 @@ def display(path: Path) -> str:
 
 
 def write_plot(rows: List[Dict], path: Path) -> None:
+    """BLEU against AL: a line over k per row's per-k models, and one per multi-path model."""
     import matplotlib
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def line(row: Dict) -> str:
+        return row["row"] if row["waitk"] == row["trained"] else \
+            f"{row['row']} multi-path {row['trained']}"
+
     figure, axis = plt.subplots(figsize=(6, 4.5))
-    for name in dict.fromkeys(row["row"] for row in rows):
+    for name in dict.fromkeys(line(row) for row in rows):
         points = sorted((row["AL"]["mean"], row["BLEU"]["mean"], row["AL"]["std"] or 0,
                          row["BLEU"]["std"] or 0, row["waitk"]) for row in rows
-                        if row["row"] == name and row["BLEU"]["mean"] is not None)
+                        if line(row) == name and row["BLEU"]["mean"] is not None)
         if not points:
             continue
         axis.errorbar([p[0] for p in points], [p[1] for p in points],
-                      xerr=[p[2] for p in points], yerr=[p[3] for p in points], fmt="o-",
-                      capsize=3, label=name)
+                      xerr=[p[2] for p in points], yerr=[p[3] for p in points],
+                      fmt="s--" if "multi-path" in name else "o-", capsize=3, label=name)
         for latency, bleu, _, _, waitk in points:
             axis.annotate(f"k={waitk}", (latency, bleu), fontsize=7)
     axis.set(xlabel="AL (words)", ylabel="BLEU", title="BLEU vs AL (mean ± std over seeds)")
