@@ -1,14 +1,18 @@
 """The screening table of quality studies: validation loss of every row along training.
 
     python benchmarks/quality_screen.py --study studies/t2t_screen_en_de \
-        --study kd-=studies/t2t_kd_en_de --out benchmarks/results/t2t_quality_en_de/screen_en_de
+        --study kd-=studies/t2t_kd_en_de \
+        --study 2000-=studies/t2t_screen_en_de@work/studies/t2t_screen_en_de_long \
+        --out benchmarks/results/t2t_quality_en_de/screen_en_de
 
 Reads the ``run.json`` that ``scripts/study.py run`` wrote for every run of each study
-(``--study [PREFIX=]NAME``, the first one holding the reference rows; ``PREFIX`` names the rows
-of a later one apart, ``kd-leap``) and writes ``OUT.json`` (every run's options, validation
-curve, time and device, with the command, the commit and the machine), ``OUT.md`` (per row:
-validation loss at every 250 updates, its difference to the reference row at the end, and how
-much of LeaP's gap to the reference it closes) and ``OUT.png`` (the differences, and the curves).
+(``--study [PREFIX=]NAME[@OUT]``: the first one holds the reference rows; ``PREFIX`` names the
+rows of a later one apart, ``kd-leap``; ``OUT`` is the study's ``--out`` when it ran elsewhere,
+and then only its rows with runs there are listed) and writes ``OUT.json`` (every run's options,
+validation curve, time and device, with the command, the commit and the machine), ``OUT.md``
+(per row: validation loss at updates 250, 500, 750, 1,000 and every 500 after, its difference
+to the reference row of the same budget at the end, and how much of LeaP's gap to the reference
+it closes) and ``OUT.png`` (the differences, and the curves).
 A row fine-tuned from another checkpoint (``finetune-from-model``) counts the updates of that
 checkpoint too. Rows without a finished run are listed as not run.
 """
@@ -31,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
-MARKS = (250, 500, 750, 1000)
+MARKS = (250, 500, 750, 1000, 1500, 2000)
 
 
 def prior_updates(options: Dict) -> int:
@@ -43,16 +47,20 @@ def prior_updates(options: Dict) -> int:
     return int(state["optimizer_history"][-1]["num_updates"])
 
 
-def study_runs(name: str, prefix: str) -> List[Dict]:
+def study_runs(name: str, prefix: str, out: Optional[str]) -> List[Dict]:
     study = load_study(name)
-    out = ROOT / (study.out or f"work/studies/{study.name}")
+    elsewhere = out is not None
+    out = ROOT / (out or study.out or f"work/studies/{study.name}")
     runs = []
     for row, options in study.rows.items():
         for waitk in study.waitks:
             for seed in study.seeds:
                 record_file = run_directory(out, row, waitk, seed) / "run.json"
+                if elsewhere and not record_file.is_file():
+                    continue
                 record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-                entry = {"study": name, "row": prefix + row, "waitk": waitk, "seed": seed,
+                entry = {"study": name, "row": prefix + row, "base_row": row,
+                         "waitk": waitk, "seed": seed,
                          "options": {key: value for key, value in options},
                          "finished": bool(record.get("finished"))}
                 if entry["finished"]:
@@ -77,15 +85,22 @@ def fmt(value: Optional[float], digits: int = 3, sign: bool = False) -> str:
 
 
 def summarise(runs: List[Dict], reference: str, baseline: str) -> List[Dict]:
-    by_row = {run["row"]: run for run in runs if run["finished"]}
-    ref = by_row.get(reference, {}).get("valid_loss")
-    base = by_row.get(baseline, {}).get("valid_loss")
+    """Per run: its losses at MARKS, and at its last update against the reference and baseline
+    rows' losses at that update: the first study's rows, else a later study's rows of the same
+    name (a run of 2,000 updates against the longer runs' at 2,000)."""
+    at_budget: Dict = {}
+    for run in runs:
+        if run["finished"]:
+            for update, loss in run["valid_curve"]:
+                at_budget.setdefault((run["base_row"], update), loss)
     rows = []
     for run in runs:
         row = {"row": run["row"], "study": run["study"], "finished": run["finished"],
                "options": run["options"]}
         if run["finished"]:
             loss = run["valid_loss"]
+            ref = at_budget.get((reference, run["updates"]))
+            base = at_budget.get((baseline, run["updates"]))
             row.update(updates=run["updates"], valid_loss=loss,
                        marks={m: at(run["valid_curve"], m) for m in MARKS},
                        minus_reference=None if ref is None else loss - ref,
@@ -116,9 +131,10 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
              f"({meta['machine']['cpu_count']} cores); runs: {meta['devices']}.", "",
              f"Validation loss (label-smoothed cross-entropy, valid split) at updates "
              f"{', '.join(map(str, MARKS))}; `- {meta['reference']}`: the last loss minus the "
-             f"{meta['reference']} row's; `gap closed`: the share of the {meta['baseline']} "
-             f"row's gap to {meta['reference']} that the row closes (1: as good as "
-             f"{meta['reference']}, 0: as {meta['baseline']}, < 0: worse).", "",
+             f"{meta['reference']} row's at the same update; `gap closed`: the share of the "
+             f"{meta['baseline']} row's gap to {meta['reference']} at that update that the row "
+             f"closes (1: as good as {meta['reference']}, 0: as {meta['baseline']}, < 0: "
+             "worse).", "",
              "| row | options | " + " | ".join(f"@{m}" for m in MARKS)
              + f" | - {meta['reference']} | gap closed |",
              "|---|---|" + "---|" * len(MARKS) + "---|---|"]
@@ -169,7 +185,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     runs = []
     for item in args.study:
         prefix, _, name = item.rpartition("=")
-        runs += study_runs(name, prefix)
+        name, _, out = name.partition("@")
+        runs += study_runs(name, prefix, out or None)
     rows = summarise(runs, args.reference, args.baseline)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
