@@ -1,16 +1,16 @@
 """The screening table of quality studies: validation loss of every row along training.
 
     python benchmarks/quality_screen.py --study studies/t2t_screen_en_de \
-        --study kd-=studies/t2t_kd_en_de \
-        --study 2000-=studies/t2t_screen_en_de@work/studies/t2t_screen_en_de_long \
-        --out benchmarks/results/t2t_quality_en_de/screen_en_de
+        --study kd-=studies/t2t_kd_en_de --out benchmarks/results/t2t_quality_en_de/screen_en_de
 
 Reads the ``run.json`` that ``scripts/study.py run`` wrote for every run of each study
 (``--study [PREFIX=]NAME[@OUT]``: the first one holds the reference rows; ``PREFIX`` names the
 rows of a later one apart, ``kd-leap``; ``OUT`` is the study's ``--out`` when it ran elsewhere,
-and then only its rows with runs there are listed) and writes ``OUT.json`` (every run's options,
+``long-=studies/t2t_screen_en_de@work/studies/long``, and then only its rows with runs there are
+listed) and writes ``OUT.json`` (every run's options,
 validation curve, time and device, with the command, the commit and the machine), ``OUT.md``
-(per row: validation loss at updates 250, 500, 750, 1,000 and every 500 after, its difference
+(per row: validation loss at updates 250, 500, 750, 1,000, 1,500 and 2,000 as far as the
+longest run goes, its difference
 to the reference row of the same budget at the end, and how much of LeaP's gap to the reference
 it closes) and ``OUT.png`` (the differences, and the curves).
 A row fine-tuned from another checkpoint (``finetune-from-model``) counts the updates of that
@@ -125,26 +125,28 @@ def options_text(options: Dict) -> str:
 
 
 def markdown(rows: List[Dict], meta: Dict) -> str:
+    longest = max((row["updates"] for row in rows if row["finished"]), default=0)
+    marks = [mark for mark in MARKS if mark <= longest]
     lines = [f"# Quality screening: {meta['title']}", "",
              f"Command: `{meta['command']}`", "",
              f"Commit {meta['commit']}; machine: {meta['machine']['cpu']} "
              f"({meta['machine']['cpu_count']} cores); runs: {meta['devices']}.", "",
              f"Validation loss (label-smoothed cross-entropy, valid split) at updates "
-             f"{', '.join(map(str, MARKS))}; `- {meta['reference']}`: the last loss minus the "
+             f"{', '.join(map(str, marks))}; `- {meta['reference']}`: the last loss minus the "
              f"{meta['reference']} row's at the same update; `gap closed`: the share of the "
              f"{meta['baseline']} row's gap to {meta['reference']} at that update that the row "
              f"closes (1: as good as {meta['reference']}, 0: as {meta['baseline']}, < 0: "
              "worse).", "",
-             "| row | options | " + " | ".join(f"@{m}" for m in MARKS)
+             "| row | options | " + " | ".join(f"@{m}" for m in marks)
              + f" | - {meta['reference']} | gap closed |",
-             "|---|---|" + "---|" * len(MARKS) + "---|---|"]
+             "|---|---|" + "---|" * len(marks) + "---|---|"]
     for row in rows:
         if not row["finished"]:
             lines.append(f"| {row['row']} | {options_text(row['options'])} | not run |"
-                         + " |" * (len(MARKS) + 1))
+                         + " |" * (len(marks) + 1))
             continue
         lines.append(f"| {row['row']} | {options_text(row['options'])} | "
-                     + " | ".join(fmt(row["marks"][m]) for m in MARKS)
+                     + " | ".join(fmt(row["marks"][m]) for m in marks)
                      + f" | {fmt(row['minus_reference'], sign=True)} | "
                      f"{fmt(row['gap_closed'], 2)} |")
     return "\n".join(lines) + "\n"

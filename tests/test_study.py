@@ -505,7 +505,8 @@ def test_the_committed_studies_resolve_with_the_same_data_for_every_row(data, tm
             "leap", "softmax", "linear", "cosformer", "hedgehog", "enc-linear", "dec-linear",
             "cross-linear", "leap-prenorm", "softmax-prenorm", "leap-4heads", "softmax-4heads",
             "leap-eps0.01", "leap-eps1e-4", "leap-inputnorm", "leap-lr5e-4", "leap-lr2e-3",
-            "softmax-lr2e-3", "leap-warmup1000", "leap-from-softmax", "enc-leap", "dec-leap", "cross-leap"]}
+            "softmax-lr2e-3", "leap-warmup1000", "leap-from-softmax", "enc-leap", "dec-leap",
+            "cross-leap"]}
     assert study.available_studies() == list(expected)
     for name, rows in expected.items():
         loaded = study.load_study(name)
