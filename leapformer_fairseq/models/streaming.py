@@ -45,7 +45,7 @@ def stream_waitk(model, waitk: Optional[int]) -> int:
     cross = model.decoder.cross_attention_config
     if waitk is None and cross.waitk_train_lags:
         raise RefusedInput(f"the model was trained for every k in {list(cross.waitk_train_lags)} "
-                         "(multi-path wait-k); give the k to decode with (the agents' --waitk)")
+                           "(multi-path wait-k); give the k to decode with (the agents' --waitk)")
     if waitk is None:
         waitk = cross.waitk_lagging
     if waitk < 1:
