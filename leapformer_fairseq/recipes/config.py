@@ -210,6 +210,8 @@ class Shortcut:
 
 
 ATTENTION_KEYS = ("encoder-attn-type", "decoder-attn-type", "cross-attn-type")
+
+
 def waitk_value(text: str) -> Any:
     """``--waitk``'s type: fairseq's ``--waitk-lagging`` type (one k, or a multi-path set)."""
     from leapformer_fairseq.models.leapformer_transformer import waitk_lagging_value
