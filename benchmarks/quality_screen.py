@@ -28,7 +28,7 @@ import matplotlib
 import torch
 from attention import machine_description  # benchmarks/attention.py
 
-from leapformer_fairseq.recipes.study import ROOT, load_study, run_directory
+from leapformer_fairseq.recipes.study import ROOT, fmt, load_study, run_directory
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -78,10 +78,6 @@ def study_runs(name: str, prefix: str, out: Optional[str]) -> List[Dict]:
 
 def at(curve: List[List[float]], update: int) -> Optional[float]:
     return next((loss for u, loss in curve if u == update), None)
-
-
-def fmt(value: Optional[float], digits: int = 3, sign: bool = False) -> str:
-    return "-" if value is None else f"{value:{'+' if sign else ''}.{digits}f}"
 
 
 def summarise(runs: List[Dict], reference: str, baseline: str) -> List[Dict]:
@@ -146,8 +142,8 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
                          + " |" * (len(marks) + 1))
             continue
         lines.append(f"| {row['row']} | {options_text(row['options'])} | "
-                     + " | ".join(fmt(row["marks"][m]) for m in marks)
-                     + f" | {fmt(row['minus_reference'], sign=True)} | "
+                     + " | ".join(fmt(row["marks"][m], 3) for m in marks)
+                     + f" | {fmt(row['minus_reference'], 3, sign=True)} | "
                      f"{fmt(row['gap_closed'], 2)} |")
     return "\n".join(lines) + "\n"
 
