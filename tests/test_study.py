@@ -294,6 +294,73 @@ def test_a_multipath_model_is_evaluated_at_every_k_beside_per_k_models(data, tmp
     assert f"| leap | {WAITK} | 1 | 40 |" in table
 
 
+# ---------------------------------------------------------------------------- adoption
+def test_a_run_trained_elsewhere_is_adopted_only_with_the_studys_options(done, tmp_path):
+    """A finished run of the study, adopted into a new output directory as the run it is, then
+    skipped by ``run``; adopting it as another row, seed, data or budget is refused by name."""
+    out = tmp_path / "out"
+    source = done.out / "leap" / f"k{WAITK}_seed1"
+    checkpoint = source / "checkpoint_last.pt"
+
+    def adopt(*extra, path=done.path, row="leap", seed=1):
+        return ("adopt", path, "--out", out, "--row", row, "--seed", seed, "--from", source,
+                *extra)
+
+    refused = refusal(*adopt(row="softmax"))
+    assert refused.startswith(f"[study] adopt: {checkpoint} was trained with other options "
+                              f"than softmax k{WAITK} seed 1 of {done.path} (")
+    for block in ("encoder", "decoder", "cross"):
+        assert f"{block}_attn_type: leap there, softmax in the study" in refused
+    assert refusal(*adopt(seed=2)) == (
+        f"[study] adopt: {checkpoint} was trained with other options than leap k{WAITK} seed 2 "
+        f"of {done.path} (seed: 1 there, 2 in the study)")
+    other_data = shutil.copytree(done.data, tmp_path / "data")
+    assert refusal(*adopt("--data", other_data)) == (
+        f"[study] adopt: {checkpoint} was trained with other options than leap k{WAITK} seed 1 "
+        f"of {done.path} (data: {done.data / 'data-bin'} there, {other_data / 'data-bin'} in "
+        "the study)")
+    longer = write_study(tmp_path / "longer.yaml", done.data,
+                         shared={"max-update": UPDATES + 10})
+    assert refusal(*adopt(path=longer)) == (
+        f"[study] adopt: {checkpoint} is at {UPDATES} updates; the study trains leap k{WAITK} "
+        f"seed 1 to max-update {UPDATES + 10}")
+    assert refusal(*adopt(row="leap,softmax")) == \
+        "[study] adopt: --row and --seed name one run; got --row leap,softmax --seed 1"
+    assert refusal(*adopt(seed=3)) == (
+        f"[study] adopt: --seed 3: '3' is not a seed of {done.path} (seeds: 1, 2)")
+    assert refusal("adopt", done.path, "--out", out, "--row", "leap", "--seed", 1, "--from",
+                   tmp_path) == f"[study] adopt: --from {tmp_path}: no checkpoint_last.pt in " \
+                                f"{tmp_path}"
+    assert not out.exists()
+
+    log = main(*adopt())
+    target = out / "leap" / f"k{WAITK}_seed1"
+    assert f"adopt: leap k{WAITK} seed 1 from {source} ({UPDATES} updates, valid loss " in log
+    for path in source.iterdir():
+        if path.is_file():
+            assert (target / path.name).read_bytes() == path.read_bytes() or path.name == \
+                "run.json"
+    record = json.loads((target / "run.json").read_text())
+    trained = json.loads((source / "run.json").read_text())
+    assert (record["row"], record["seed"], record["updates"], record["finished"]) == \
+        ("leap", 1, UPDATES, True)
+    assert record["valid_curve"] == trained["valid_curve"]
+    session = record["sessions"][0]
+    assert session["adopted_from"] == str(source) and session["device"] == {"kind": "unrecorded"}
+    assert session["command"].startswith("fairseq-train ") and f"--save-dir {source}" in \
+        session["command"]
+    assert 0 <= session["seconds"] <= trained["train_seconds"] + 2
+    assert refusal(*adopt()) == \
+        f"[study] adopt: {target} already holds a run; delete it first"
+    rerun = main("run", done.path, "--out", out, "--rows", "leap", "--seeds", 1, "--dry-run",
+                 "--cpu")
+    assert f"skip leap k{WAITK} seed 1: finished ({UPDATES} updates)" in rerun
+    assert "run: 0 of 1 run(s) to train" in rerun
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(run["row"], run["seed"], run["devices"]) for run in runs] == \
+        [("leap", 1, ["not recorded (adopted run)"])]
+
+
 # ------------------------------------------------------------------ partial runs, changes
 def test_partial_runs_are_refused_and_resumed_only_when_asked(done, tmp_path):
     out = tmp_path / "out"
@@ -397,7 +464,8 @@ def test_bad_flags_and_missing_inputs_are_refused(data, tmp_path, done):
         f"[study] run: {tmp_path / 'none.yaml'}: no such study file"
     assert refusal("run", "studies/nothing") == (
         f"[study] run: studies/nothing: no study file {CONFIGS / 'studies' / 'nothing.yaml'}; "
-        "available: studies/t2t_kd_en_de, studies/t2t_screen_en_de")
+        "available: studies/t2t_confirm_en_de, studies/t2t_confirm_en_es, studies/t2t_kd_en_de, "
+        "studies/t2t_screen_en_de")
     assert refusal("run", path, "--data", tmp_path / "nowhere") == (
         f"[study] run: {tmp_path / 'nowhere' / 'data-bin'} not found (--data "
         f"{tmp_path / 'nowhere'}); run scripts/t2t_recipe.py prepare --out "
@@ -408,6 +476,8 @@ def test_bad_flags_and_missing_inputs_are_refused(data, tmp_path, done):
     assert refusal("run", path, "--out", out, "--rows", "leap,linear") == (
         f"[study] run: --rows leap,linear: 'linear' is not a row of {path} (rows: leap, "
         "softmax)")
+    assert refusal("run", path, "--out", out, "--seeds", "2,x") == (
+        f"[study] run: --seeds 2,x: 'x' is not a seed of {path} (seeds: 1, 2)")
     assert refusal("run", path, "--out", out, "--set", "seed=3") == \
         "[study] run: --set seed=3: seed is set for every run by study: seeds; leave it out"
     assert refusal("run", path, "--out", out, "--set", "lr") == \
@@ -497,32 +567,41 @@ def test_a_refusal_through_the_command_is_one_line(tmp_path):
 # ---------------------------------------------------------------------- committed studies
 def test_the_committed_studies_resolve_with_the_same_data_for_every_row(data, tmp_path):
     """Every run of the committed studies passes fairseq-train's parser (a dry run against the
-    tiny data directory) at the screening size; every row trains with max positions 80, so all
-    rows see the same pairs, and for 1,000 updates (the fine-tuned row: 500 after 500)."""
-    expected = {
-        "studies/t2t_kd_en_de": ["leap", "softmax"],
-        "studies/t2t_screen_en_de": [
-            "leap", "softmax", "linear", "cosformer", "hedgehog", "enc-linear", "dec-linear",
-            "cross-linear", "leap-prenorm", "softmax-prenorm", "leap-4heads", "softmax-4heads",
-            "leap-eps0.01", "leap-eps1e-4", "leap-inputnorm", "leap-lr5e-4", "leap-lr2e-3",
-            "softmax-lr2e-3", "leap-warmup1000", "leap-from-softmax", "enc-leap", "dec-leap",
-            "cross-leap"]}
+    tiny data directory). Screening: every row at the screening size with max positions 80, so
+    all rows see the same pairs, for 1,000 updates (the fine-tuned row: 500 after 500).
+    Confirmation: t2t/small's model (max positions unset: the model's 1024), 1,000 updates,
+    three seeds."""
+    screen = [
+        "leap", "softmax", "linear", "cosformer", "hedgehog", "enc-linear", "dec-linear",
+        "cross-linear", "leap-prenorm", "softmax-prenorm", "leap-4heads", "softmax-4heads",
+        "leap-eps0.01", "leap-eps1e-4", "leap-inputnorm", "leap-lr5e-4", "leap-lr2e-3",
+        "softmax-lr2e-3", "leap-warmup1000", "leap-from-softmax", "enc-leap", "dec-leap",
+        "cross-leap"]
+    expected = {  # name: rows, base, seeds, data
+        "studies/t2t_confirm_en_de": (["leap", "softmax", "hedgehog"], "t2t/small", [1, 2, 3],
+                                      "work/gettext-en-de"),
+        "studies/t2t_confirm_en_es": (["leap", "softmax", "hedgehog"], "t2t/small", [1, 2, 3],
+                                      "work/gettext-en-es"),
+        "studies/t2t_kd_en_de": (["leap", "softmax"], "t2t/screen", [1], "work/gettext-en-de-kd"),
+        "studies/t2t_screen_en_de": (screen, "t2t/screen", [1], "work/gettext-en-de")}
     assert study.available_studies() == list(expected)
-    for name, rows in expected.items():
+    for name, (rows, base, seeds, data_dir) in expected.items():
         loaded = study.load_study(name)
         assert list(loaded.rows) == rows
-        assert (loaded.base, loaded.seeds, loaded.waitks, loaded.reference) == \
-            ("t2t/screen", [1], [3], "softmax")
-        assert loaded.data == ("work/gettext-en-de-kd" if "kd" in name else "work/gettext-en-de")
+        assert (loaded.base, loaded.seeds, loaded.waitks, loaded.reference, loaded.data) == \
+            (base, seeds, [3], "softmax", data_dir)
         log = main("run", name, "--data", data, "--out", tmp_path / name, "--dry-run", "--cpu")
-        assert log.count(" would start ") == len(rows)
+        assert log.count(" would start ") == len(rows) * len(seeds)
+        screening = base == "t2t/screen"
         for row in rows:
             run = study.GridRun(row, 3, 1, tmp_path)
             args = study.resolve_run(loaded, run, data, [], (True, "--cpu")).args
-            assert (args.max_update, args.max_source_positions, args.max_target_positions,
-                    args.arch, args.encoder_embed_dim) == (
-                500 if row == "leap-from-softmax" else 1000, 80, 80,
-                "leapformer_waitk_transformer_small", 128)
+            assert (args.max_update, getattr(args, "max_source_positions", None),
+                    getattr(args, "max_target_positions", None), args.arch,
+                    args.encoder_embed_dim) == (
+                500 if row == "leap-from-softmax" else 1000, 80 if screening else None,
+                80 if screening else None, "leapformer_waitk_transformer_small",
+                128 if screening else 256)
             types = (args.encoder_attn_type, args.decoder_attn_type, args.cross_attn_type)
             if row in ATTN_TYPES:
                 assert types == (row,) * 3

@@ -26,15 +26,17 @@ import platform
 import queue
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -276,9 +278,11 @@ def run_directory(out: Path, row: str, waitk: Union[int, str], seed: int) -> Pat
     return out / row / f"k{waitk}_seed{seed}"
 
 
-def grid(study: Study, out: Path, rows: Sequence[str]) -> List[GridRun]:
+def grid(study: Study, out: Path, rows: Sequence[str],
+         seeds: Optional[Sequence[int]] = None) -> List[GridRun]:
+    """Every row x k x seed of ``rows`` (and of ``seeds``, default the study's)."""
     return [GridRun(row, waitk, seed, run_directory(out, row, waitk, seed))
-            for row in rows for waitk in study.waitks for seed in study.seeds]
+            for row in rows for waitk in study.waitks for seed in seeds or study.seeds]
 
 
 def resolve_run(study: Study, run: GridRun, data: Path, overrides: Sequence[Tuple[str, Any, str]],
@@ -323,15 +327,29 @@ def data_directory(study: Study, args) -> Path:
     return data
 
 
-def chosen_rows(study: Study, text: Optional[str], command: str) -> List[str]:
+def chosen_rows(study: Study, text: Optional[str], command: str, flag: str = "--rows"
+                ) -> List[str]:
     if not text:
         return list(study.rows)
     rows = [row.strip() for row in text.split(",") if row.strip()]
     for row in rows:
         if row not in study.rows:
-            raise RECIPE.fail(f"{command}: --rows {text}: '{row}' is not a row of {study.path} "
+            raise RECIPE.fail(f"{command}: {flag} {text}: '{row}' is not a row of {study.path} "
                               f"(rows: {', '.join(study.rows)})")
     return rows
+
+
+def chosen_seeds(study: Study, text: Optional[str], command: str, flag: str = "--seeds"
+                 ) -> List[int]:
+    if not text:
+        return list(study.seeds)
+    seeds = []
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        if not part.isdigit() or int(part) not in study.seeds:
+            raise RECIPE.fail(f"{command}: {flag} {text}: '{part}' is not a seed of "
+                              f"{study.path} (seeds: {', '.join(map(str, study.seeds))})")
+        seeds.append(int(part))
+    return seeds
 
 
 # ------------------------------------------------------------------------------ the device
@@ -363,6 +381,8 @@ class Device:
 
 
 def describe(device: Dict[str, Any]) -> str:
+    if device["kind"] == "unrecorded":
+        return "not recorded (adopted run)"
     if device["kind"] == "cuda":
         return f"{device['name']} (GPU {device['gpu']}, {device['runs_at_once']} run(s) at once)"
     return (f"CPU {device['name']} ({device['cores']} cores, {device['threads_per_run']} "
@@ -563,21 +583,29 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
+@contextmanager
+def quiet_hydra() -> Iterator[None]:
+    """Around fairseq's conversion of options to hydra's form: not thread-safe, and noisy
+    (deprecation warnings, DEBUG lines)."""
+    hydra = logging.getLogger("hydra")
+    with RECORD_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        level = hydra.level
+        hydra.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            hydra.setLevel(level)
+
+
 def train(run: GridRun, data: Path, device: Device, slot: int, jobs: int, position: str) -> None:
     """fairseq-train of one run in its directory (log: ``train.log``; a resumed run's earlier
     logs are kept as ``train.N.log``), recorded in ``run.json``."""
     directory, resolved = run.directory, run.resolved
     directory.mkdir(parents=True, exist_ok=True)
     command = resolved.command(directory)
-    hydra = logging.getLogger("hydra")
-    with RECORD_LOCK, warnings.catch_warnings():  # fairseq's hydra conversion: not thread-safe
-        warnings.simplefilter("ignore")  # and noisy (deprecations, DEBUG lines)
-        level = hydra.level
-        hydra.setLevel(logging.WARNING)
-        try:
-            write_run_record(directory, resolved, command)
-        finally:
-            hydra.setLevel(level)
+    with quiet_hydra():
+        write_run_record(directory, resolved, command)
     record = read_json(directory / "run.json") or {
         "row": run.row, "waitk": run.waitk, "seed": run.seed, "sessions": []}
     log_file = directory / "train.log"
@@ -629,7 +657,8 @@ def run_command(args) -> None:
     device = find_device(args.cpu, args.jobs)
     cpu = (True, "--cpu" if args.cpu else "the runner: no CUDA") if device.kind == "cpu" else \
         (False, "the runner: CUDA")
-    runs = grid(study, out, chosen_rows(study, args.rows, "run"))
+    runs = grid(study, out, chosen_rows(study, args.rows, "run"),
+                chosen_seeds(study, args.seeds, "run"))
     plan(study, runs, data, overrides, cpu, args.resume)
     to_train = [run for run in runs if run.state != "finished"]
     for run in runs:
@@ -651,6 +680,129 @@ def run_command(args) -> None:
     if failures:
         raise RECIPE.fail(f"run: {len(failures)} of {total} run(s) failed: "
                           + " | ".join(f.removeprefix("[study] ") for f in failures))
+
+
+# -------------------------------------------------------------------------- adopting a run
+# options an adopted run may have had otherwise: where it ran and saved, the plugin's path (the
+# data directory is compared as a path), and the budget (its checkpoint must be at max-update)
+ADOPT_FREE = ("save_dir", "data", "user_dir", "cpu", "max_update", "_name")
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \|", re.MULTILINE)
+
+
+def trained_options(checkpoint: Path) -> Dict[str, Any]:
+    """The fairseq-train options ``checkpoint`` was trained with: its ``cfg.model``, which for
+    this plugin's (argparse) archs is the whole parsed namespace."""
+    from argparse import Namespace
+
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # torch raises many kinds for a damaged file
+        raise RECIPE.fail(f"{checkpoint}: not a readable fairseq checkpoint "
+                          f"({type(error).__name__}: {error})".splitlines()[0]) from None
+    model = (state.get("cfg") or {}).get("model")
+    if not isinstance(model, Namespace):
+        raise RECIPE.fail(f"adopt: {checkpoint} records no fairseq-train options (cfg.model); "
+                          "only runs of this plugin's archs can be adopted")
+    return plain(vars(model))
+
+
+def built_options(resolved: Resolved) -> Dict[str, Any]:
+    """The options a run of ``resolved`` records in its checkpoints: fairseq-train's ``cfg.model``
+    after the task has built the model from it (which fills the arch's defaults in)."""
+    from argparse import Namespace
+
+    from fairseq import tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    with quiet_hydra():
+        cfg = convert_namespace_to_omegaconf(Namespace(**copy.deepcopy(vars(resolved.args))))
+    tasks.setup_task(cfg.task).build_model(cfg.model)
+    return plain(vars(cfg.model))
+
+
+def log_seconds(log_file: Path) -> Optional[float]:
+    """Seconds between the first and the last time-stamped line of a fairseq-train log."""
+    if not log_file.is_file():
+        return None
+    stamps = LOG_TIME.findall(log_file.read_text(encoding="utf-8", errors="replace"))
+    if not stamps:
+        return None
+    first, last = (time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+                   for stamp in (stamps[0], stamps[-1]))
+    return last - first
+
+
+def adopt_command(args) -> None:
+    """Take a finished run trained outside the study (``t2t_recipe.py train``, another study) as
+    one of its runs, once its checkpoint's options equal those the study gives the run."""
+    study = load(args)
+    data, out = data_directory(study, args), output_directory(study, args)
+    row = chosen_rows(study, args.row, "adopt", "--row")
+    seed = chosen_seeds(study, args.seed, "adopt", "--seed")
+    if len(row) != 1 or len(seed) != 1:
+        raise RECIPE.fail(f"adopt: --row and --seed name one run; got --row {args.row} --seed "
+                          f"{args.seed}")
+    if args.waitk is None and len(study.waitks) > 1:
+        raise RECIPE.fail(f"adopt: {study.path} trains several k "
+                          f"({', '.join(map(str, study.waitks))}); choose one with --waitk")
+    waitk = study.waitks[0] if args.waitk is None else \
+        next((k for k in study.waitks if str(k) == args.waitk), None)
+    if waitk is None:
+        raise RECIPE.fail(f"adopt: --waitk {args.waitk} is not a k of {study.path} (waitk: "
+                          f"{', '.join(map(str, study.waitks))})")
+    run = GridRun(row[0], waitk, seed[0], run_directory(out, row[0], waitk, seed[0]))
+    source = Path(args.source).absolute()
+    checkpoint = source / "checkpoint_last.pt"
+    if not checkpoint.is_file():
+        raise RECIPE.fail(f"adopt: --from {args.source}: no checkpoint_last.pt in {source}")
+    if run.directory.exists() and any(run.directory.iterdir()):
+        raise RECIPE.fail(f"adopt: {run.directory} already holds a run; delete it first")
+    try:
+        run.resolved = resolve_run(study, run, data, [], (True, "adopt"))
+    except ConfigError as error:
+        raise RECIPE.fail(f"adopt: {error}") from None
+    trained, wanted = trained_options(checkpoint), built_options(run.resolved)
+    found = [f"{key}: {unwrap(trained.get(key, 'unset'))} there, "
+             f"{unwrap(wanted.get(key, 'unset'))} in the study"
+             for key in dict.fromkeys([*wanted, *trained])
+             if key not in ADOPT_FREE and trained.get(key, ...) != wanted.get(key, ...)]
+    there = Path(trained.get("data") or "")
+    if (there if there.is_absolute() else ROOT / there).resolve() != (data / "data-bin").resolve():
+        found.insert(0, f"data: {trained.get('data')} there, {data / 'data-bin'} in the study")
+    if found:
+        raise RECIPE.fail(f"adopt: {checkpoint} was trained with other options than {run.label}"
+                          f" of {study.path} ({'; '.join(found[:3])}"
+                          f"{'; ...' if len(found) > 3 else ''})")
+    updates, max_update = checkpoint_updates(checkpoint), run.resolved.args.max_update
+    if updates != max_update:
+        raise RECIPE.fail(f"adopt: {checkpoint} is at {updates} updates; the study trains "
+                          f"{run.label} to max-update {max_update}")
+    run.directory.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file():
+            try:
+                os.link(path, run.directory / path.name)
+            except OSError:  # another file system
+                shutil.copy2(path, run.directory / path.name)
+    header = (source / "config.yaml").read_text(encoding="utf-8").splitlines()[1:2] \
+        if (source / "config.yaml").is_file() else []
+    session = {"started": None, "device": {"kind": "unrecorded"}, "from_updates": 0,
+               "command": header[0].removeprefix("# ") if header else None,
+               "adopted_from": str(source), "seconds": log_seconds(source / "train.log"),
+               "exit_code": 0}
+    record = {"row": run.row, "waitk": run.waitk, "seed": run.seed, "sessions": [session],
+              "data": str(data), "options": plain(run.resolved.options),
+              "args": plain(vars(run.resolved.args)),
+              "max_update": max_update,
+              "valid_subset": run.resolved.args.valid_subset.split(",")[0]}
+    summarise(run.directory, record)
+    record_command(out, args)
+    write_json(run.directory / "run.json", record)
+    write_table(study, out, None)
+    log(f"adopt: {run.label} from {source} ({updates} updates, valid loss "
+        f"{fmt(record['valid_loss'], 3)}) in {run.directory}")
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -1075,6 +1227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("run", help="train every row x k x seed (finished runs skipped)")
     common(p)
     p.add_argument("--rows", help="only these rows (comma-separated)")
+    p.add_argument("--seeds", help="only these of the study's seeds (comma-separated)")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even with CUDA")
     p.add_argument("--resume", action="store_true",
@@ -1084,6 +1237,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable")
     p.add_argument("--dry-run", action="store_true", help="check and list the runs only")
     p.set_defaults(run=run_command)
+
+    p = commands.add_parser("adopt", help="take a finished run trained elsewhere as one of the "
+                                          "study's runs (its options checked)")
+    common(p)
+    p.add_argument("--row", required=True, help="the row of the run")
+    p.add_argument("--seed", required=True, help="the seed of the run")
+    p.add_argument("--waitk", help="the k of the run (needed when the study trains several)")
+    p.add_argument("--from", dest="source", required=True, metavar="DIR",
+                   help="the run's save directory (checkpoint_last.pt; its files are linked in)")
+    p.set_defaults(run=adopt_command)
 
     p = commands.add_parser("evaluate", help="SimulEval of chosen rows and the reference row")
     common(p)
