@@ -28,7 +28,7 @@ import matplotlib
 import torch
 from attention import machine_description  # benchmarks/attention.py
 
-from leapformer_fairseq.recipes.study import ROOT, fmt, load_study, run_directory
+from leapformer_fairseq.recipes.study import ROOT, describe, fmt, load_study, run_directory
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -188,9 +188,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows = summarise(runs, args.reference, args.baseline)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
-    devices = sorted({f"{r['device']['name']}, {r['device']['threads_per_run']} thread(s) per "
-                      f"run, {r['device']['runs_at_once']} at once" for r in runs
-                      if r["finished"]})
+    devices = sorted({describe(r["device"]) for r in runs if r["finished"]})
     meta = {"title": args.title, "command": "python " + " ".join(
                 [str(Path(sys.argv[0]).absolute().relative_to(ROOT)), *sys.argv[1:]]),
             "commit": commit, "machine": machine_description("cpu"),

@@ -428,6 +428,8 @@ def test_partial_runs_are_refused_and_resumed_only_when_asked(done, tmp_path):
      "FILE: fairseq-train: waitk-lagging is set for every run by study: waitk; leave it out"),
     (dict(section={"data": 3}), "FILE: study: data: a directory, got 3"),
     (dict(section={"waitk": [2, 2]}), "FILE: study: waitk: [2, 2] repeats a value"),
+    (dict(section={"waitk": ["2", 2]}),  # a quoted single k is the integer
+     "FILE: study: waitk: ['2', 2] repeats a value"),
     (dict(section={"waitk": [2, "3-1"]}),
      "FILE: study: waitk: integers >= 1 or multi-path sets such as 1-9 (one or a list), got "
      "[2, '3-1']"),
@@ -465,7 +467,7 @@ def test_bad_flags_and_missing_inputs_are_refused(data, tmp_path, done):
     assert refusal("run", "studies/nothing") == (
         f"[study] run: studies/nothing: no study file {CONFIGS / 'studies' / 'nothing.yaml'}; "
         "available: studies/t2t_confirm_en_de, studies/t2t_confirm_en_es, studies/t2t_kd_en_de, "
-        "studies/t2t_screen_en_de")
+        "studies/t2t_multipath_en_de, studies/t2t_screen_en_de")
     assert refusal("run", path, "--data", tmp_path / "nowhere") == (
         f"[study] run: {tmp_path / 'nowhere' / 'data-bin'} not found (--data "
         f"{tmp_path / 'nowhere'}); run scripts/t2t_recipe.py prepare --out "
@@ -478,6 +480,8 @@ def test_bad_flags_and_missing_inputs_are_refused(data, tmp_path, done):
         "softmax)")
     assert refusal("run", path, "--out", out, "--seeds", "2,x") == (
         f"[study] run: --seeds 2,x: 'x' is not a seed of {path} (seeds: 1, 2)")
+    assert refusal("evaluate", path, "--out", out, "--seeds", "3") == (
+        f"[study] evaluate: --seeds 3: '3' is not a seed of {path} (seeds: 1, 2)")
     assert refusal("run", path, "--out", out, "--set", "seed=3") == \
         "[study] run: --set seed=3: seed is set for every run by study: seeds; leave it out"
     assert refusal("run", path, "--out", out, "--set", "lr") == \
@@ -569,29 +573,31 @@ def test_the_committed_studies_resolve_with_the_same_data_for_every_row(data, tm
     """Every run of the committed studies passes fairseq-train's parser (a dry run against the
     tiny data directory). Screening: every row at the screening size with max positions 80, so
     all rows see the same pairs, for 1,000 updates (the fine-tuned row: 500 after 500).
-    Confirmation: t2t/small's model (max positions unset: the model's 1024), 1,000 updates,
-    three seeds."""
+    Confirmation and multi-path: t2t/small's model (max positions unset: the model's 1024),
+    1,000 updates."""
     screen = [
         "leap", "softmax", "linear", "cosformer", "hedgehog", "enc-linear", "dec-linear",
         "cross-linear", "leap-prenorm", "softmax-prenorm", "leap-4heads", "softmax-4heads",
         "leap-eps0.01", "leap-eps1e-4", "leap-inputnorm", "leap-lr5e-4", "leap-lr2e-3",
         "softmax-lr2e-3", "leap-warmup1000", "leap-from-softmax", "enc-leap", "dec-leap",
         "cross-leap"]
-    expected = {  # name: rows, base, seeds, data
-        "studies/t2t_confirm_en_de": (["leap", "softmax", "hedgehog"], "t2t/small", [1, 2, 3],
-                                      "work/gettext-en-de"),
-        "studies/t2t_confirm_en_es": (["leap", "softmax", "hedgehog"], "t2t/small", [1, 2, 3],
-                                      "work/gettext-en-es"),
-        "studies/t2t_kd_en_de": (["leap", "softmax"], "t2t/screen", [1], "work/gettext-en-de-kd"),
-        "studies/t2t_screen_en_de": (screen, "t2t/screen", [1], "work/gettext-en-de")}
+    confirm = ["leap", "softmax", "hedgehog"]
+    expected = {  # name: rows, base, seeds, k, data
+        "studies/t2t_confirm_en_de": (confirm, "t2t/small", [1, 2, 3], [3], "work/gettext-en-de"),
+        "studies/t2t_confirm_en_es": (confirm, "t2t/small", [1, 2, 3], [3], "work/gettext-en-es"),
+        "studies/t2t_kd_en_de": (["leap", "softmax"], "t2t/screen", [1], [3],
+                                 "work/gettext-en-de-kd"),
+        "studies/t2t_multipath_en_de": (["leap", "softmax"], "t2t/small", [1], [3, 5, "1-9"],
+                                        "work/gettext-en-de"),
+        "studies/t2t_screen_en_de": (screen, "t2t/screen", [1], [3], "work/gettext-en-de")}
     assert study.available_studies() == list(expected)
-    for name, (rows, base, seeds, data_dir) in expected.items():
+    for name, (rows, base, seeds, waitks, data_dir) in expected.items():
         loaded = study.load_study(name)
         assert list(loaded.rows) == rows
         assert (loaded.base, loaded.seeds, loaded.waitks, loaded.reference, loaded.data) == \
-            (base, seeds, [3], "softmax", data_dir)
+            (base, seeds, waitks, "softmax", data_dir)
         log = main("run", name, "--data", data, "--out", tmp_path / name, "--dry-run", "--cpu")
-        assert log.count(" would start ") == len(rows) * len(seeds)
+        assert log.count(" would start ") == len(rows) * len(seeds) * len(waitks)
         screening = base == "t2t/screen"
         for row in rows:
             run = study.GridRun(row, 3, 1, tmp_path)

@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import soundfile
 
@@ -109,7 +109,7 @@ def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resampl
 
 
 # ------------------------------------------------------------------------------ train
-def run_dir(data: Path, task: str, attn_type: str, waitk: Optional[int]) -> Path:
+def run_dir(data: Path, task: str, attn_type: str, waitk: Union[int, str, None]) -> Path:
     return data / "runs" / f"{task}_{run_label(attn_type, waitk)}"
 
 

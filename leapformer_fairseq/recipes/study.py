@@ -175,18 +175,20 @@ def integers(value: Any, where: str, least: int) -> List[int]:
 
 def waitk_values(value: Any, where: str) -> List[Union[int, str]]:
     """``study: waitk``: integers >= 1 and multi-path sets (``1-9``, ``1,3,5``: one model
-    trained for all of them, evaluated at each), as ``--waitk-lagging`` takes them."""
+    trained for all of them, evaluated at each), as ``--waitk-lagging`` takes them; a quoted
+    single k (``"3"``) is the integer."""
     from leapformer_fairseq.models.leapformer_transformer import waitk_lags
 
-    values = value if isinstance(value, list) else [value]
-    for v in values:
+    values = []
+    for v in value if isinstance(value, list) else [value]:
         try:
             if isinstance(v, bool) or not isinstance(v, (int, str)):
                 raise ValueError
-            waitk_lags(v)
+            lags = waitk_lags(v)
         except ValueError:
             raise ConfigError(f"{where}: integers >= 1 or multi-path sets such as 1-9 (one or a "
                               f"list), got {value!r}") from None
+        values.append(lags[0] if len(lags) == 1 else v)
     if len(set(values)) != len(values):
         raise ConfigError(f"{where}: {value!r} repeats a value")
     return values
@@ -852,7 +854,7 @@ def evaluate_command(args) -> None:
     rows = chosen_rows(study, args.rows, "evaluate")
     if study.reference not in rows:
         rows.append(study.reference)
-    runs = grid(study, out, rows)
+    runs = grid(study, out, rows, chosen_seeds(study, args.seeds, "evaluate"))
     for run in runs:
         record = read_json(run.directory / "run.json")
         checkpoint = run.directory / args.checkpoint_name
@@ -1251,6 +1253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", help="SimulEval of chosen rows and the reference row")
     common(p)
     p.add_argument("--rows", help="these rows (comma-separated; default all), and the reference")
+    p.add_argument("--seeds", help="only these of the study's seeds (comma-separated)")
     p.add_argument("--sentences", type=int, default=0, help="first N test sentences (0: all)")
     p.add_argument("--checkpoint-name", default="checkpoint_last.pt",
                    help="checkpoint file in each run directory (default checkpoint_last.pt)")

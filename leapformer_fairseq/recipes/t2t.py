@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from leapformer_fairseq.recipes.common import (
     FAIRSEQ_GENERATE,
@@ -117,7 +117,7 @@ def prepare(args) -> None:
 
 
 # ------------------------------------------------------------------------------ train
-def run_dir(data: Path, attn_type: str, waitk: Optional[int]) -> Path:
+def run_dir(data: Path, attn_type: str, waitk: Union[int, str, None]) -> Path:
     return data / "runs" / run_label(attn_type, waitk)
 
 
