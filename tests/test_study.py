@@ -337,9 +337,9 @@ def test_a_run_trained_elsewhere_is_adopted_only_with_the_studys_options(done, t
     target = out / "leap" / f"k{WAITK}_seed1"
     assert f"adopt: leap k{WAITK} seed 1 from {source} ({UPDATES} updates, valid loss " in log
     for path in source.iterdir():
-        if path.is_file():
-            assert (target / path.name).read_bytes() == path.read_bytes() or path.name == \
-                "run.json"
+        if path.is_file() and path.name != "run.json":
+            assert (target / path.name).read_bytes() == path.read_bytes()
+            assert not (target / path.name).samefile(path)  # a resume must not write there
     record = json.loads((target / "run.json").read_text())
     trained = json.loads((source / "run.json").read_text())
     assert (record["row"], record["seed"], record["updates"], record["finished"]) == \

@@ -782,12 +782,9 @@ def adopt_command(args) -> None:
         raise RECIPE.fail(f"adopt: {checkpoint} is at {updates} updates; the study trains "
                           f"{run.label} to max-update {max_update}")
     run.directory.mkdir(parents=True, exist_ok=True)
-    for path in sorted(source.iterdir()):
-        if path.is_file():
-            try:
-                os.link(path, run.directory / path.name)
-            except OSError:  # another file system
-                shutil.copy2(path, run.directory / path.name)
+    for path in sorted(source.iterdir()):  # copies: fairseq-train rewrites checkpoints in place
+        if path.is_file() and path.name != "run.json":
+            shutil.copy2(path, run.directory / path.name)
     header = (source / "config.yaml").read_text(encoding="utf-8").splitlines()[1:2] \
         if (source / "config.yaml").is_file() else []
     session = {"started": None, "device": {"kind": "unrecorded"}, "from_updates": 0,
@@ -1247,7 +1244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", required=True, help="the seed of the run")
     p.add_argument("--waitk", help="the k of the run (needed when the study trains several)")
     p.add_argument("--from", dest="source", required=True, metavar="DIR",
-                   help="the run's save directory (checkpoint_last.pt; its files are linked in)")
+                   help="the run's save directory (checkpoint_last.pt; its files are copied in)")
     p.set_defaults(run=adopt_command)
 
     p = commands.add_parser("evaluate", help="SimulEval of chosen rows and the reference row")
