@@ -207,6 +207,16 @@ def machine_description(device: str) -> Dict:
     return info
 
 
+def invocation() -> Dict[str, str]:
+    """This script's command line (``python benchmarks/NAME.py ...``, from the repository root)
+    and the repository's short commit."""
+    root = Path(__file__).resolve().parents[1]
+    script = Path(sys.argv[0]).absolute().relative_to(root)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                            capture_output=True, text=True).stdout.strip()
+    return {"command": "python " + " ".join([str(script), *sys.argv[1:]]), "commit": commit}
+
+
 def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
     return None if not numerator or not denominator else numerator / denominator
 

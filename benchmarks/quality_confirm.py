@@ -15,13 +15,12 @@ mean ratio is at least 0.97 and its mean AL difference within 0.3 words.
 import argparse
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import matplotlib
-from attention import machine_description  # benchmarks/attention.py
+from attention import invocation, machine_description  # benchmarks/attention.py
 
 from leapformer_fairseq.recipes.study import (
     ROOT,
@@ -144,13 +143,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="OUT.{json,md,png}")
     args = parser.parse_args(argv)
     studies = [study_results(name) for name in args.study]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
     devices = sorted({device for study in studies for run in study["runs"]
                       for device in run["devices"]})
-    meta = {"title": args.title, "command": "python " + " ".join(
-                [str(Path(sys.argv[0]).absolute().relative_to(ROOT)), *sys.argv[1:]]),
-            "commit": commit, "machine": machine_description("cpu"),
+    meta = {"title": args.title, **invocation(), "machine": machine_description("cpu"),
             "devices": "; ".join(devices)}
     text = markdown(studies, meta)
     print(text, end="")

@@ -19,14 +19,12 @@ checkpoint too. Rows without a finished run are listed as not run.
 import argparse
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import matplotlib
 import torch
-from attention import machine_description  # benchmarks/attention.py
+from attention import invocation, machine_description  # benchmarks/attention.py
 
 from leapformer_fairseq.recipes.study import ROOT, describe, fmt, load_study, run_directory
 
@@ -186,12 +184,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         name, _, out = name.partition("@")
         runs += study_runs(name, prefix, out or None)
     rows = summarise(runs, args.reference, args.baseline)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
     devices = sorted({describe(r["device"]) for r in runs if r["finished"]})
-    meta = {"title": args.title, "command": "python " + " ".join(
-                [str(Path(sys.argv[0]).absolute().relative_to(ROOT)), *sys.argv[1:]]),
-            "commit": commit, "machine": machine_description("cpu"),
+    meta = {"title": args.title, **invocation(), "machine": machine_description("cpu"),
             "devices": "; ".join(devices), "reference": args.reference,
             "baseline": args.baseline}
     text = markdown(rows, meta)
