@@ -1,6 +1,8 @@
 """Multi-path wait-k (``--waitk-lagging 1-5``): the option's forms, a k drawn per training batch
 from torch's generator, the middle k outside training, one model streaming at every k equal to
-its offline decoding at that k, and no default k to stream with."""
+its offline decoding at that k, no default k to stream with, and the recipe's evaluation of a
+multi-path run at several k."""
+import json
 import sys
 from pathlib import Path
 
@@ -135,3 +137,52 @@ def test_fairseq_train_saves_a_multipath_model_that_loads_as_one(tmp_path):
         [str(tmp_path / "run" / "checkpoint_last.pt")])
     cross = models[0].decoder.cross_attention_config
     assert (cross.waitk_lagging, cross.waitk_train_lags) == (2, (1, 2, 3))
+
+
+def test_the_recipe_evaluates_a_multipath_run_at_each_k(tmp_path):
+    """t2t_recipe.py evaluate --multipath 1-3 --waitk 1,3: the one checkpoint of
+    runs/leap_k1-3, SimulEval at k = 1 and 3 into eval/leap_k1-3_k<k>; sets given as --waitk,
+    k values outside the set and an untrained set are refused. The model trains as
+    test_study.py's (untied embeddings, no dropout, 40 updates) so that SimulEval has output to
+    score; no score is checked, only that each evaluation ran at its k."""
+    from test_convert import run, train_command
+
+    script = [sys.executable, str(ROOT / "scripts" / "t2t_recipe.py")]
+    code, output = run([*script, "prepare", "--corpus",
+                        str(ROOT / "data/gettext-mt/en-de.{split}.tsv"), "--out", str(tmp_path),
+                        "--max-train", "200", "--max-valid", "10", "--max-test", "4",
+                        "--vocab-size", "1500"])
+    assert code == 0, output[-4000:]
+    command = train_command(tmp_path / "data-bin", tmp_path / "runs" / "leap_k1-3", "leap",
+                            "--dropout", "0", "--lr-scheduler", "inverse_sqrt",
+                            "--warmup-updates", "10", "--max-tokens", "1000")
+    command.remove("--share-all-embeddings")
+    for flag, value in (("--waitk-lagging", "1-3"), ("--lr", "0.01"), ("--max-update", "40")):
+        command[command.index(flag) + 1] = value
+    code, output = run(command)
+    assert code == 0, output[-4000:]
+
+    evaluate = [*script, "evaluate", "--data", str(tmp_path), "--attn-types", "leap"]
+    code, output = run([*evaluate, "--multipath", "1-3", "--waitk", "1,3"])
+    assert code == 0, output[-4000:]
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [(row["attn_type"], row["waitk"]) for row in rows] == [("leap_k1-3", 1),
+                                                                  ("leap_k1-3", 3)]
+    checkpoint = tmp_path / "runs" / "leap_k1-3" / "checkpoint_last.pt"
+    for k in (1, 3):
+        eval_dir = tmp_path / "eval" / f"leap_k1-3_k{k}"
+        assert f"--checkpoint {checkpoint} " in output
+        assert f"--waitk {k} --output {eval_dir} " in output
+        assert len((eval_dir / "instances.log").read_text().splitlines()) == 4
+    for flags, message in (
+            (["--waitk", "1-3"], "[t2t] evaluate: --waitk 1-3: single k values >= 1, "
+                                 "comma-separated; a multi-path model is evaluated with "
+                                 "--multipath SET (e.g. --multipath 1-9 --waitk 1,3,5)"),
+            (["--multipath", "1-3", "--waitk", "5"],
+             "[t2t] evaluate: --waitk 5 is not in --multipath 1-3, the k values the model was "
+             "trained for"),
+            (["--multipath", "1-4", "--waitk", "2"],
+             f"[t2t] evaluate: missing {tmp_path / 'runs' / 'leap_k1-4' / 'checkpoint_last.pt'}"
+             "; run train --attn-type leap --waitk 1-4 first")):
+        code, output = run([*evaluate, *flags])
+        assert code == 1 and output.strip().splitlines()[-1] == message

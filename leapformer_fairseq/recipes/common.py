@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 PLUGIN = Path(__file__).resolve().parents[1]  # the package fairseq loads with --user-dir
 ROOT = PLUGIN.parent  # the repository: configs/, data/, simuleval_agents/, scripts/
@@ -214,18 +214,38 @@ class Recipe:
         return copies
 
     def evaluation_runs(self, attn_types: str, waitks: str,
-                        checkpoint: Callable[[str, int], Path],
-                        train: str) -> List[Tuple[str, int, Path]]:
-        """(attention, k, checkpoint) of every ``--attn-types`` x ``--waitk`` (comma-separated);
-        a missing checkpoint stops the recipe naming the ``train`` step that makes it."""
+                        checkpoint: Callable[[str, Union[int, str]], Path], train: str,
+                        multipath: Optional[str] = None) -> List[Tuple[str, str, int, Path]]:
+        """(run name, attention, k, checkpoint) of every ``--attn-types`` x ``--waitk``
+        (comma-separated k values). With ``--multipath SET`` every k is one of the set, and the
+        checkpoint is the multi-path run's (name ``<attention>_k<SET>``). A missing checkpoint
+        stops the recipe naming the ``train`` step that makes it."""
+        from leapformer_fairseq.models.leapformer_transformer import waitk_lags
+
+        lags = None
+        if multipath is not None:
+            try:
+                lags = waitk_lags(multipath)
+            except ValueError as error:
+                raise self.fail(f"evaluate: --multipath: {error}") from None
+        values = [k.strip() for k in waitks.split(",")]
+        if not all(k.isdigit() and int(k) >= 1 for k in values):
+            raise self.fail(f"evaluate: --waitk {waitks}: single k values >= 1, comma-separated; "
+                            "a multi-path model is evaluated with --multipath SET (e.g. "
+                            "--multipath 1-9 --waitk 1,3,5)")
         runs = []
         for attn_type in attn_types.split(","):
-            for waitk in (int(k) for k in waitks.split(",")):
-                path = checkpoint(attn_type, waitk)
+            for waitk in map(int, values):
+                if lags is not None and waitk not in lags:
+                    raise self.fail(f"evaluate: --waitk {waitk} is not in --multipath "
+                                    f"{multipath}, the k values the model was trained for")
+                trained = waitk if multipath is None else multipath
+                path = checkpoint(attn_type, trained)
                 if not path.is_file():
                     raise self.fail(f"evaluate: missing {path}; run {train} --attn-type "
-                                    f"{attn_type} --waitk {waitk} first")
-                runs.append((attn_type, waitk, path))
+                                    f"{attn_type} --waitk {trained} first")
+                runs.append((attn_type if multipath is None else f"{attn_type}_k{multipath}",
+                             attn_type, waitk, path))
         return runs
 
     def parallel(self, function: Callable[[Item], Dict], items: Sequence[Item],

@@ -182,15 +182,15 @@ def evaluate(args) -> None:
     runs = RECIPE.evaluation_runs(
         args.attn_types, args.waitk,
         lambda attn_type, waitk: run_dir(data, "st", attn_type, waitk) / args.checkpoint_name,
-        "train-st")
+        "train-st", args.multipath)
 
-    def evaluate_run(spec: Tuple[str, int, Path]) -> Dict:
-        attn_type, waitk, checkpoint = spec
-        scores = simuleval(data, checkpoint, data / "eval" / f"{attn_type}_k{waitk}", waitk,
+    def evaluate_run(spec: Tuple[str, str, int, Path]) -> Dict:
+        name, _, waitk, checkpoint = spec
+        scores = simuleval(data, checkpoint, data / "eval" / f"{name}_k{waitk}", waitk,
                            args.segment_ms, args.sentences, quiet=args.jobs > 1)
-        log(f"evaluate: {attn_type} wait-{waitk}: "
-            + "  ".join(f"{name} {scores[name]:.2f}" for name in TABLE_COLUMNS))
-        return {"attn_type": attn_type, "waitk": waitk, **scores}
+        log(f"evaluate: {name} wait-{waitk}: "
+            + "  ".join(f"{metric} {scores[metric]:.2f}" for metric in TABLE_COLUMNS))
+        return {"attn_type": name, "waitk": waitk, **scores}
 
     rows = RECIPE.parallel(evaluate_run, runs, args.jobs)
     RECIPE.write_results(rows, TABLE_COLUMNS, data / "eval", [("AL", "o-"), ("AL_CA", "s--")],
@@ -260,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", help="SimulEval, plain and computation-aware latency")
     p.add_argument("--data", required=True)
     p.add_argument("--attn-types", default="leap,softmax")
-    p.add_argument("--waitk", default="5")
+    p.add_argument("--waitk", default="5", help="k values, comma-separated (default 5)")
+    p.add_argument("--multipath", metavar="SET",
+                   help="evaluate the multi-path ST runs trained with --waitk SET (e.g. 1-9) at "
+                        "each --waitk k, into eval/<attention>_k<SET>_k<k>")
     p.add_argument("--segment-ms", type=int, default=200,
                    help="SimulEval --source-segment-size: audio per agent call")
     p.add_argument("--sentences", type=int, default=0, help="first N segments (0: all)")

@@ -235,16 +235,17 @@ def evaluate(args) -> None:
     data = Path(args.data)
     runs = RECIPE.evaluation_runs(
         args.attn_types, args.waitk,
-        lambda attn_type, waitk: run_dir(data, attn_type, waitk) / args.checkpoint_name, "train")
+        lambda attn_type, waitk: run_dir(data, attn_type, waitk) / args.checkpoint_name, "train",
+        args.multipath)
 
-    def evaluate_run(run_spec: Tuple[str, int, Path]) -> Dict:
-        attn_type, waitk, checkpoint = run_spec
-        output = data / "eval" / f"{attn_type}_k{waitk}"
+    def evaluate_run(run_spec: Tuple[str, str, int, Path]) -> Dict:
+        name, _, waitk, checkpoint = run_spec
+        output = data / "eval" / f"{name}_k{waitk}"
         scores = simuleval(data, checkpoint, output, waitk, args.sentences,
                            quiet=args.jobs > 1)
-        log(f"evaluate: {attn_type} wait-{waitk}: " + "  ".join(
-            f"{name} {value:.2f}" for name, value in scores.items()))
-        return {"attn_type": attn_type, "waitk": waitk, **scores}
+        log(f"evaluate: {name} wait-{waitk}: " + "  ".join(
+            f"{metric} {value:.2f}" for metric, value in scores.items()))
+        return {"attn_type": name, "waitk": waitk, **scores}
 
     rows = RECIPE.parallel(evaluate_run, runs, args.jobs)
     RECIPE.write_results(rows, ["BLEU", *LATENCY_METRICS], data / "eval", [("AL", "o-")],
@@ -307,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--attn-types", default="leap,softmax",
                    help="run names' attention: a type, or encoder-decoder-cross types")
-    p.add_argument("--waitk", default="3,5")
+    p.add_argument("--waitk", default="3,5", help="k values, comma-separated (default 3,5)")
+    p.add_argument("--multipath", metavar="SET",
+                   help="evaluate the multi-path runs trained with --waitk SET (e.g. 1-9) at "
+                        "each --waitk k, into eval/<attention>_k<SET>_k<k>")
     p.add_argument("--sentences", type=int, default=0, help="first N test sentences (0: all)")
     p.add_argument("--checkpoint-name", default="checkpoint_last.pt",
                    help="checkpoint file in each run directory")
