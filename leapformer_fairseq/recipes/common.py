@@ -215,10 +215,10 @@ class Recipe:
 
     def evaluation_runs(self, attn_types: str, waitks: str,
                         checkpoint: Callable[[str, Union[int, str]], Path], train: str,
-                        multipath: Optional[str] = None) -> List[Tuple[str, str, int, Path]]:
-        """(run name, attention, k, checkpoint) of every ``--attn-types`` x ``--waitk``
+                        multipath: Optional[str] = None) -> List[Tuple[str, int, Path]]:
+        """(run name, k, checkpoint) of every ``--attn-types`` x ``--waitk``
         (comma-separated k values). With ``--multipath SET`` every k is one of the set, and the
-        checkpoint is the multi-path run's (name ``<attention>_k<SET>``). A missing checkpoint
+        checkpoint is the multi-path run's (named ``<attention>_k<SET>``). A missing checkpoint
         stops the recipe naming the ``train`` step that makes it."""
         from leapformer_fairseq.models.leapformer_transformer import waitk_lags
 
@@ -245,7 +245,7 @@ class Recipe:
                     raise self.fail(f"evaluate: missing {path}; run {train} --attn-type "
                                     f"{attn_type} --waitk {trained} first")
                 runs.append((attn_type if multipath is None else f"{attn_type}_k{multipath}",
-                             attn_type, waitk, path))
+                             waitk, path))
         return runs
 
     def parallel(self, function: Callable[[Item], Dict], items: Sequence[Item],

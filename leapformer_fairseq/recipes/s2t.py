@@ -184,8 +184,8 @@ def evaluate(args) -> None:
         lambda attn_type, waitk: run_dir(data, "st", attn_type, waitk) / args.checkpoint_name,
         "train-st", args.multipath)
 
-    def evaluate_run(spec: Tuple[str, str, int, Path]) -> Dict:
-        name, _, waitk, checkpoint = spec
+    def evaluate_run(spec: Tuple[str, int, Path]) -> Dict:
+        name, waitk, checkpoint = spec
         scores = simuleval(data, checkpoint, data / "eval" / f"{name}_k{waitk}", waitk,
                            args.segment_ms, args.sentences, quiet=args.jobs > 1)
         log(f"evaluate: {name} wait-{waitk}: "

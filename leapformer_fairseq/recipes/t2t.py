@@ -238,8 +238,8 @@ def evaluate(args) -> None:
         lambda attn_type, waitk: run_dir(data, attn_type, waitk) / args.checkpoint_name, "train",
         args.multipath)
 
-    def evaluate_run(run_spec: Tuple[str, str, int, Path]) -> Dict:
-        name, _, waitk, checkpoint = run_spec
+    def evaluate_run(run_spec: Tuple[str, int, Path]) -> Dict:
+        name, waitk, checkpoint = run_spec
         output = data / "eval" / f"{name}_k{waitk}"
         scores = simuleval(data, checkpoint, output, waitk, args.sentences,
                            quiet=args.jobs > 1)
