@@ -55,8 +55,8 @@ def study_results(name: str) -> Dict:
         row["reaches_target"] = None if ratio is None or row["row"] == study.reference else \
             ratio >= TARGET_RATIO and abs(al_diff) <= AL_TOLERANCE
     return {"study": name, "reference": study.reference, "seeds": study.seeds,
-            "evaluation": settings,
-            "data": study.data, "rows": collected["rows"], "runs": collected["runs"]}
+            "evaluation": settings, "data": study.data, "rows": collected["rows"],
+            "runs": collected["runs"]}
 
 
 def verdict(row: Dict, seeds: int) -> str:
