@@ -9,8 +9,10 @@ runner's own table (per row and k: mean and sample standard deviation over the e
 of BLEU, AL and LAAL, of each seed's ratio BLEU(row) / BLEU(reference) and difference
 AL(row) - AL(reference), and the largest p of sacrebleu's paired bootstrap over the seeds), and
 writes ``OUT.json`` (the rows and every run, with the commands), ``OUT.md`` and ``OUT.png``
-(per study, BLEU against AL of every seed and of the means). A row reaches the target when its
-mean ratio is at least 0.97 and its mean AL difference within 0.3 words.
+(per study, BLEU against AL: the means over seeds as curves over k, every seed as a dot).
+A row reaches the target when its mean ratio is at least 0.97 and its mean AL difference within
+0.3 words. A multi-path study (``studies/t2t_multipath_en_de``) gives one curve per multi-path
+model beside the per-k models'.
 """
 import argparse
 import json
@@ -25,6 +27,8 @@ from attention import invocation, machine_description  # benchmarks/attention.py
 from leapformer_fairseq.recipes.study import (
     ROOT,
     collect,
+    curve_name,
+    draw_curves,
     fmt,
     load_study,
     mean_std,
@@ -113,23 +117,16 @@ def markdown(studies: List[Dict], meta: Dict) -> str:
 
 
 def plot(studies: List[Dict], meta: Dict, path: Path) -> None:
+    """Per study, the BLEU-AL curves of the means (``draw_curves``) and every seed as a dot."""
     figure, axes = plt.subplots(1, len(studies), figsize=(6.5 * len(studies), 4.8),
                                 squeeze=False)
     for axis, study in zip(axes[0], studies):
-        rows = [row for row in study["rows"] if row["seeds_evaluated"]]
-        for index, row in enumerate(rows):
-            color = f"C{index}"
-            seeds = [run["eval"] for run in study["runs"] if run["row"] == row["row"]
-                     and run["waitk"] == row["waitk"] and "eval" in run]
-            axis.scatter([s["AL"] for s in seeds], [s["BLEU"] for s in seeds], color=color,
-                         alpha=0.4, s=18)
-            axis.errorbar(row["AL"]["mean"], row["BLEU"]["mean"], xerr=row["AL"]["std"] or 0,
-                          yerr=row["BLEU"]["std"] or 0, color=color, marker="o", capsize=3,
-                          label=f"{row['row']} k{row['waitk']} ({len(seeds)} seeds)")
-        axis.set_xlabel("AL (words)")
-        axis.set_ylabel("BLEU")
+        colours = draw_curves(axis, [row for row in study["rows"] if row["seeds_evaluated"]])
+        for run in study["runs"]:
+            if "eval" in run and curve_name(run) in colours:
+                axis.scatter(run["eval"]["AL"], run["eval"]["BLEU"], s=14, alpha=0.4,
+                             color=colours[curve_name(run)])
         axis.set_title(study["study"])
-        axis.legend(fontsize=8)
     figure.suptitle(meta["title"])
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -35,6 +35,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
+from leapformer_fairseq import ops
 from leapformer_fairseq.modules import LeaPMultiheadAttention
 
 STATISTICS = ("p_std_q", "p_std_k", "factor_mean", "factor_spread", "clamp_rate", "entropy",
@@ -124,16 +125,17 @@ def attention_scores(module: LeaPMultiheadAttention, query: Tensor, key: Optiona
     q_proportion = k_proportion = factor = q_features = k_features = None
     if module.attn_type == "softmax":
         base = q @ k.transpose(1, 2)
-    elif module.attn_type == "hedgehog":
-        q_features, k_features = (module._features(x.to(query.dtype), side, None).double()
-                                  for x, side in ((q, "q"), (k, "k")))
-        base = q_features @ k_features.transpose(1, 2)
     else:
-        q_features, k_features = q.relu(), k.relu()
+        if module._hedgehog_features():  # Hedgehog, or LeaP re-weighting Hedgehog's features
+            q_features, k_features = (
+                ops.softmax_features(layer(x.to(query.dtype))).double()
+                for x, layer in ((q, module.hedgehog_q), (k, module.hedgehog_k)))
+        else:
+            q_features, k_features = q.relu(), k.relu()
         base = q_features @ k_features.transpose(1, 2)
         if module.attn_type == "leap":
-            q_proportion = module.leap_q(q_features.to(query.dtype)).squeeze(-1).double()
-            k_proportion = module.leap_k(k_features.to(query.dtype)).squeeze(-1).double()
+            q_proportion = module.leap_q(q.relu().to(query.dtype)).squeeze(-1).double()
+            k_proportion = module.leap_k(k.relu().to(query.dtype)).squeeze(-1).double()
         elif module.attn_type == "cosformer":  # positions as the block counts them
             k_positions = module._positions(key_padding_mask, source_length, bsz, query.device)
             q_positions = k_positions if module.self_attention else module._positions(

@@ -20,9 +20,12 @@ PRE_RENAME = ROOT / "tests" / "fixtures" / "pre_rename" / "t2t"
 EMBED, HEADS = 16, 2
 
 
-def block(attn_type, **kwargs):
+def block(variant, **kwargs):
+    """A block of ``variant`` (an attention type, or ``leap+<feature map>``), float64."""
+    attn_type, _, feature_map = variant.partition("+")
     torch.manual_seed(3)
     return LeaPMultiheadAttention(EMBED, HEADS, attn_type=attn_type, cosformer_max_positions=16,
+                                  leap_feature_map=feature_map or "relu",
                                   **kwargs).double().eval()
 
 
@@ -51,7 +54,7 @@ CALLS = {
 }
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", (*ATTN_TYPES, "leap+hedgehog"))
 @pytest.mark.parametrize("call", CALLS)
 def test_rebuilt_scores_reproduce_the_block_output(attn_type, call):
     kwargs, future_mask = CALLS[call]

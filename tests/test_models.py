@@ -66,6 +66,20 @@ def test_every_attention_combination_trains(encoder, decoder, cross):
     assert not missing
 
 
+@pytest.mark.parametrize("feature_map", [None, "relu", "hedgehog"])
+def test_leap_feature_map_reaches_the_leap_blocks(feature_map):
+    """``--leap-feature-map``: LeaP blocks re-weight Hedgehog's features (and own its maps) with
+    ``hedgehog``; unset (a checkpoint saved before the option) means ``relu``. Blocks of other
+    types ignore it."""
+    options = {} if feature_map is None else {"leap_feature_map": feature_map}
+    model, _ = build("leapformer_waitk_transformer_tiny", waitk_lagging=2,
+                     cross_attn_type="softmax", **options)
+    blocks = [model.encoder.layers[0].self_attn, model.decoder.layers[0].self_attn]
+    assert [block.leap_feature_map for block in blocks] == [feature_map or "relu"] * 2
+    assert all(hasattr(block, "hedgehog_q") == (feature_map == "hedgehog") for block in blocks)
+    assert not hasattr(model.decoder.layers[0].encoder_attn, "hedgehog_q")
+
+
 def test_reference_flags_select_leap_per_block():
     args = argparse.Namespace(enc_leapformer_enable=True, dec_sa_leapformer_enable=False,
                               dec_ca_leapformer_enable=True)

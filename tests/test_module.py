@@ -11,10 +11,24 @@ EMBED, HEADS = 16, 2
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def make_module(attn_type, **kwargs):
+# the attention types, and LeaP re-weighting Hedgehog's features (``leap_feature_map``)
+VARIANTS = (*ATTN_TYPES, "leap+hedgehog")
+LINEAR_VARIANTS = (*LINEAR_ATTN_TYPES, "leap+hedgehog")
+
+
+def make_module(variant, **kwargs):
+    """A module of ``variant`` (an attention type, or ``leap+<feature map>``), in eval mode;
+    Hedgehog's maps are moved away from their initial identity."""
+    attn_type, _, feature_map = variant.partition("+")
     torch.manual_seed(1)
     module = LeaPMultiheadAttention(EMBED, HEADS, attn_type=attn_type,
+                                    leap_feature_map=feature_map or "relu",
                                     cosformer_max_positions=128, **kwargs)
+    if hasattr(module, "hedgehog_q"):
+        with torch.no_grad():
+            for layer in (module.hedgehog_q, module.hedgehog_k):
+                layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+                layer.bias.normal_(std=0.3)
     return module.eval()
 
 
@@ -34,14 +48,16 @@ def reference(module, query, key, key_padding_mask=None, allowed=None):
         allowed = allowed.repeat_interleave(HEADS, 0)
     if module.attn_type == "softmax":
         out = ops.naive_softmax_attention(q, k, v, allowed, padding)
-    elif module.attn_type == "hedgehog":  # phi(u) = sqrt(2d) softmax([W u + b, -(W u + b)])
-        q_t, k_t = hedgehog_features(module.hedgehog_q, q), hedgehog_features(module.hedgehog_k, k)
-        out = ops.naive_leap_attention(q_t, k_t, v, None, None, allowed, padding)
     else:
-        q_t, k_t = torch.relu(q), torch.relu(k)
+        if hasattr(module, "hedgehog_q"):  # phi(u) = sqrt(2d) softmax([W u + b, -(W u + b)])
+            q_t = hedgehog_features(module.hedgehog_q, q)
+            k_t = hedgehog_features(module.hedgehog_k, k)
+        else:
+            q_t, k_t = torch.relu(q), torch.relu(k)
         p_q = p_k = None
-        if module.attn_type == "leap":
-            p_q, p_k = module.leap_q(q_t).squeeze(-1), module.leap_k(k_t).squeeze(-1)
+        if module.attn_type == "leap":  # the MLPs read relu(u), whatever the features
+            p_q = module.leap_q(torch.relu(q)).squeeze(-1)
+            p_k = module.leap_k(torch.relu(k)).squeeze(-1)
         elif module.attn_type == "cosformer":  # right padding only: positions are 0, 1, 2, ...
             p_q = torch.arange(q.size(1)).expand(q.size(0), -1) / module.cosformer_max_positions
             p_k = torch.arange(k.size(1)).expand(k.size(0), -1) / module.cosformer_max_positions
@@ -70,7 +86,7 @@ def assert_close_at(actual, expected, padding=None):
     torch.testing.assert_close(actual, expected, **TOL)
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 def test_encoder_self_attention_matches_reference(attn_type):
     module = make_module(attn_type, self_attention=True)
     x = torch.randn(11, 3, EMBED)
@@ -79,7 +95,7 @@ def test_encoder_self_attention_matches_reference(attn_type):
     assert_close_at(out, reference(module, x, x, padding), padding)
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 @pytest.mark.parametrize("select_causal", ["flag", "future_mask"])
 def test_causal_self_attention_matches_reference(attn_type, select_causal):
     length = 70
@@ -97,7 +113,7 @@ def test_causal_self_attention_matches_reference(attn_type, select_causal):
     assert_close_at(out, reference(module, x, x, padding, causal), padding)
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 def test_cross_attention_matches_reference(attn_type):
     module = make_module(attn_type, encoder_decoder_attention=True)
     target, source = torch.randn(6, 3, EMBED), torch.randn(9, 3, EMBED)
@@ -106,7 +122,7 @@ def test_cross_attention_matches_reference(attn_type):
     assert_close_at(out, reference(module, target, source, padding))
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 @pytest.mark.parametrize("per_sentence", [False, True])
 def test_wait_k_cross_attention_matches_reference(attn_type, per_sentence):
     module = make_module(attn_type, encoder_decoder_attention=True)
@@ -119,7 +135,7 @@ def test_wait_k_cross_attention_matches_reference(attn_type, per_sentence):
     assert_close_at(out, reference(module, target, source, None, allowed))
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 def test_unit_causal_self_attention_matches_reference(attn_type):
     """Full attention inside units of 3 positions, causal across them: the module's own
     ``unit_causal`` and an explicit key limit, both against the reference."""
@@ -135,7 +151,7 @@ def test_unit_causal_self_attention_matches_reference(attn_type):
     assert_close_at(out, reference(unit_causal, x, x, None, allowed))
 
 
-@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", LINEAR_VARIANTS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_causal_training_gradients_match_reference(attn_type, dropout):
     """The blockwise-recomputed causal form gives autograd's gradients, dropout included."""
@@ -207,7 +223,7 @@ def run_steps(module, x, state, block=1):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 def test_incremental_self_attention_equals_parallel(attn_type):
     module = make_module(attn_type, self_attention=True, causal=True, dropout=0.3,
                          chunk_size=8)
@@ -218,7 +234,7 @@ def test_incremental_self_attention_equals_parallel(attn_type):
         torch.testing.assert_close(run_steps(module, x, {}, block=7), parallel, **TOL)
 
 
-@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", LINEAR_VARIANTS)
 def test_dropout_acts_in_training_only(attn_type):
     module = make_module(attn_type, self_attention=True, dropout=0.5).train()
     x = torch.randn(6, 2, EMBED)
@@ -227,7 +243,7 @@ def test_dropout_acts_in_training_only(attn_type):
     torch.testing.assert_close(module(x, x, x)[0], module(x, x, x)[0])
 
 
-@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", LINEAR_VARIANTS)
 def test_incremental_state_holds_no_key_value_cache(attn_type):
     module = make_module(attn_type, self_attention=True, causal=True)
     x = torch.randn(50, 2, EMBED)
@@ -237,11 +253,11 @@ def test_incremental_state_holds_no_key_value_cache(attn_type):
     run_steps(module, x[5:], state)
     sizes_after_50 = {name: t.shape for name, t in module._get_input_buffer(state).items()}
     assert sizes_after_5 == sizes_after_50
-    feature_dim = module.head_dim * (1 if attn_type == "linear" else 2)
+    feature_dim = module.head_dim * {"linear": 1, "leap+hedgehog": 4}.get(attn_type, 2)
     assert sizes_after_50["kv_state"] == (2, HEADS, feature_dim, module.head_dim)
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 def test_incremental_cross_attention_caches_source_once(attn_type):
     module = make_module(attn_type, encoder_decoder_attention=True)
     target, source = torch.randn(6, 3, EMBED), torch.randn(9, 3, EMBED)
@@ -253,7 +269,7 @@ def test_incremental_cross_attention_caches_source_once(attn_type):
     torch.testing.assert_close(torch.cat(steps), parallel, **TOL)
 
 
-@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", LINEAR_VARIANTS)
 def test_streamed_source_equals_wait_k_prefix(attn_type):
     """Appending source units (static_kv=False) before each target step is wait-k."""
     module = make_module(attn_type, encoder_decoder_attention=True)
@@ -270,7 +286,7 @@ def test_streamed_source_equals_wait_k_prefix(attn_type):
     torch.testing.assert_close(torch.cat(steps), parallel, **TOL)
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 def test_beam_reorder_reorders_the_state(attn_type):
     module = make_module(attn_type, self_attention=True, causal=True)
     history, future = torch.randn(5, 3, EMBED), torch.randn(4, 3, EMBED)
@@ -283,7 +299,7 @@ def test_beam_reorder_reorders_the_state(attn_type):
     torch.testing.assert_close(reordered, fresh, **TOL)
 
 
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("attn_type", VARIANTS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_invariance(attn_type, causal, side):
@@ -331,11 +347,16 @@ def test_leap_parameters_use_fairseq_names():
     assert {"leap_q.0.weight", "leap_q.2.weight", "leap_k.0.weight", "leap_k.2.bias"} <= names
     module = make_module("leap", self_attention=True, leap_factor=2)
     assert module.leap_q[0].out_features == (EMBED // HEADS) // 2
+    assert not any(name.startswith("hedgehog") for name in names)
+    names = set(dict(make_module("leap+hedgehog", self_attention=True).named_parameters()))
+    assert {"leap_q.0.weight", "hedgehog_q.weight", "hedgehog_k.bias"} <= names
 
 
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="attn_type"):
         LeaPMultiheadAttention(EMBED, HEADS, attn_type="performer")
+    with pytest.raises(ValueError, match="leap_feature_map must be one of"):
+        LeaPMultiheadAttention(EMBED, HEADS, leap_feature_map="dpfp")
     module = make_module("leap", self_attention=True)
     x = torch.randn(4, 1, EMBED)
     with pytest.raises(ValueError, match="future mask"):

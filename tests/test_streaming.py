@@ -69,11 +69,15 @@ def stream_translate(model, source, seed, recompute=False, waitk=None):
 
 @pytest.mark.parametrize("attn_type,options",
                          [(attn_type, {}) for attn_type in ATTN_TYPES]
-                         + [("leap", {"leap_input_norm": True})])
+                         + [("leap", {"leap_input_norm": True}),
+                            ("leap", {"leap_feature_map": "hedgehog"})])
 def test_streaming_equals_offline_waitk_greedy(attn_type, options):
     model, dictionary = build_waitk_model(attn_type, **options)
-    assert all(isinstance(module.leap_q[0], torch.nn.LayerNorm) == bool(options)
-               for module in model.modules() if hasattr(module, "leap_q"))
+    leap_blocks = [module for module in model.modules() if hasattr(module, "leap_q")]
+    assert all(isinstance(module.leap_q[0], torch.nn.LayerNorm) ==
+               options.get("leap_input_norm", False) for module in leap_blocks)
+    assert all(hasattr(module, "hedgehog_q") == ("leap_feature_map" in options)
+               for module in leap_blocks)
     outputs = []
     for index, source in enumerate(random_sentences(dictionary)):
         offline = waitk_greedy_decode(model, source)
@@ -141,11 +145,13 @@ def text_stream_footprints(model, steps: int, at: Sequence[int]) -> Dict[int, Tu
     return footprints
 
 
-@pytest.mark.parametrize("attn_type", LINEAR_ATTN_TYPES)
-def test_every_stream_state_entry_is_bounded_over_1000_steps(attn_type):
+@pytest.mark.parametrize("attn_type,options",
+                         [(attn_type, {}) for attn_type in LINEAR_ATTN_TYPES]
+                         + [("leap", {"leap_feature_map": "hedgehog"})])
+def test_every_stream_state_entry_is_bounded_over_1000_steps(attn_type, options):
     """1,000 READ + WRITE steps (positions stay below the tiny model's 1,024): the encoder and
     decoder states hold exactly as many entries and bytes after step 100 as after step 1,000."""
-    model, _ = build_waitk_model(attn_type)
+    model, _ = build_waitk_model(attn_type, **options)
     footprints = text_stream_footprints(model, 1000, at=(100, 1000))
     assert footprints[100] == footprints[1000]
 

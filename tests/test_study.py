@@ -580,7 +580,7 @@ def test_the_committed_studies_resolve_with_the_same_data_for_every_row(data, tm
         "cross-linear", "leap-prenorm", "softmax-prenorm", "leap-4heads", "softmax-4heads",
         "leap-eps0.01", "leap-eps1e-4", "leap-inputnorm", "leap-lr5e-4", "leap-lr2e-3",
         "softmax-lr2e-3", "leap-warmup1000", "leap-from-softmax", "enc-leap", "dec-leap",
-        "cross-leap"]
+        "cross-leap", "leap-hedgehog"]
     confirm = ["leap", "softmax", "hedgehog"]
     expected = {  # name: rows, base, seeds, k, data
         "studies/t2t_confirm_en_de": (confirm, "t2t/small", [1, 2, 3], [3], "work/gettext-en-de"),
@@ -613,4 +613,6 @@ def test_the_committed_studies_resolve_with_the_same_data_for_every_row(data, tm
                 assert types == (row,) * 3
                 assert getattr(args, "cosformer_max_positions", None) == (
                     80 if row == "cosformer" else None)  # unset: the model's 1024
+            assert getattr(args, "leap_feature_map", None) == (  # unset: relu
+                "hedgehog" if row == "leap-hedgehog" else None)
     assert not (tmp_path / "studies").exists()  # a dry run writes nothing

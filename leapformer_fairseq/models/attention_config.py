@@ -3,7 +3,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
-from leapformer_fairseq.modules import ATTN_TYPES, LeaPMultiheadAttention
+from leapformer_fairseq.modules import ATTN_TYPES, LEAP_FEATURE_MAPS, LeaPMultiheadAttention
 
 # option -> (flag, default): unset keeps the default; an explicit value must be positive
 POSITIVE_OPTIONS = {
@@ -27,6 +27,7 @@ class AttentionConfig:
     attn_type: str
     leap_factor: int = 4
     leap_input_norm: bool = False
+    leap_feature_map: str = "relu"
     eps: float = 0.1
     cosformer_max_positions: int = 1024
     causal: bool = False
@@ -39,7 +40,7 @@ class AttentionConfig:
     def build(self, embed_dim: int, num_heads: int, **kwargs) -> LeaPMultiheadAttention:
         return LeaPMultiheadAttention(
             embed_dim, num_heads, attn_type=self.attn_type, leap_factor=self.leap_factor,
-            leap_input_norm=self.leap_input_norm,
+            leap_input_norm=self.leap_input_norm, leap_feature_map=self.leap_feature_map,
             eps=self.eps, cosformer_max_positions=self.cosformer_max_positions,
             causal=self.causal, frames_per_unit=self.frames_per_unit,
             waitk_lagging=self.waitk_lagging, unit_causal=self.unit_causal, **kwargs,
@@ -78,6 +79,11 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
                        help="layer-normalise the LeaP MLPs' input (the ReLU features of each "
                             "head) so the proportions can spread (default: off, as saved "
                             "checkpoints without the option were trained)")
+    group.add_argument("--leap-feature-map", choices=LEAP_FEATURE_MAPS, default=None,
+                       help="the features LeaP re-weights: relu (the paper's), or hedgehog "
+                            "(Hedgehog's learned softmax features; twice the recurrent state) "
+                            "(default: relu, as saved checkpoints without the option were "
+                            "trained)")
     group.add_argument("--leap-eps", type=positive(float, "--leap-eps"), metavar="EPS",
                        help="denominator clamp max(sum_j s_ij, EPS) of the linear types "
                             "(default 0.1)")
@@ -131,6 +137,7 @@ def attention_config(
         attn_type=getattr(args, ATTENTION_BLOCKS[block][0]),
         leap_factor=args.leap_factor,
         leap_input_norm=bool(getattr(args, "leap_input_norm", False)),
+        leap_feature_map=getattr(args, "leap_feature_map", None) or "relu",
         eps=args.leap_eps,
         cosformer_max_positions=args.cosformer_max_positions,
         causal=causal,

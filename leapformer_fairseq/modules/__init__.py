@@ -1,6 +1,7 @@
 """Drop-in ``nn.Module``s with fairseq's call signature and ``incremental_state``."""
 from .leap_multihead_attention import (
     ATTN_TYPES,
+    LEAP_FEATURE_MAPS,
     LINEAR_ATTN_TYPES,
     LeaPMultiheadAttention,
     leap_proportion_mlp,
@@ -13,6 +14,7 @@ from .streaming_positions import (
 
 __all__ = [
     "ATTN_TYPES",
+    "LEAP_FEATURE_MAPS",
     "LINEAR_ATTN_TYPES",
     "LeaPMultiheadAttention",
     "StreamingSinusoidalPositionalEmbedding",

@@ -5,6 +5,7 @@ The module subclasses fairseq's attention, so parameter names (``q_proj``, ``k_p
 delegates to fairseq unchanged; the three linear types (``leap``, ``cosformer``, ``linear``) run
 the forms in :mod:`leapformer_fairseq.ops` and never build an ``L x L`` matrix; so does
 ``hedgehog``, a learned softmax feature map (docs/math.md §1) kept beside LeaP for comparison.
+LeaP re-weights ReLU features by default, or Hedgehog's features (``leap_feature_map``).
 """
 from typing import Dict, Optional, Tuple
 
@@ -16,6 +17,7 @@ from leapformer_fairseq import ops
 
 ATTN_TYPES = ("leap", "cosformer", "linear", "hedgehog", "softmax")
 LINEAR_ATTN_TYPES = ("leap", "cosformer", "linear", "hedgehog")
+LEAP_FEATURE_MAPS = ("relu", "hedgehog")
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
@@ -47,6 +49,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
         attn_type: one of ``leap``, ``cosformer``, ``linear``, ``hedgehog``, ``softmax``.
         leap_factor: LeaP MLP hidden size is ``head_dim // leap_factor``.
         leap_input_norm: layer-normalise the LeaP MLPs' input.
+        leap_feature_map: the features LeaP re-weights: ``relu`` (``relu(u)``, width d) or
+            ``hedgehog`` (Hedgehog's learned softmax features, width 2d, so the re-weighted
+            features and the recurrent state are 4d wide); the MLPs read ``relu(u)`` either way.
         eps: the denominator clamp ``max(sum_j s_ij, eps)`` of the linear types.
         causal: self-attention where token i sees tokens ``j <= i``. fairseq's future mask passed
             as ``attn_mask`` selects the same thing.
@@ -82,6 +87,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         attn_type: str = "leap",
         leap_factor: int = 4,
         leap_input_norm: bool = False,
+        leap_feature_map: str = "relu",
         eps: float = 0.1,
         causal: bool = False,
         cosformer_max_positions: int = 1024,
@@ -102,6 +108,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
             ]
             if unsupported:
                 raise ValueError(f"attn_type={attn_type!r} does not support {unsupported}")
+        if leap_feature_map not in LEAP_FEATURE_MAPS:
+            raise ValueError(f"leap_feature_map must be one of {LEAP_FEATURE_MAPS}, "
+                             f"got {leap_feature_map!r}")
         if leap_factor < 1:
             raise ValueError(f"leap_factor must be >= 1, got {leap_factor}")
         if eps <= 0:
@@ -129,6 +138,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.attn_type = attn_type
         self.leap_factor = leap_factor
         self.leap_input_norm = leap_input_norm
+        self.leap_feature_map = leap_feature_map
         self.eps = eps
         self.causal = causal
         self.cosformer_max_positions = cosformer_max_positions
@@ -140,12 +150,14 @@ class LeaPMultiheadAttention(MultiheadAttention):
         if attn_type == "leap":
             self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor, leap_input_norm)
             self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor, leap_input_norm)
-        elif attn_type == "hedgehog":  # the query map first undoes fairseq's query scaling
+        if self._hedgehog_features():  # the query map first undoes fairseq's query scaling
             self.hedgehog_q = hedgehog_map(self.head_dim, 1.0 / self.scaling)
             self.hedgehog_k = hedgehog_map(self.head_dim, 1.0)
 
     def extra_repr(self) -> str:
-        return (f"attn_type={self.attn_type}, causal={self.causal}, eps={self.eps}, "
+        feature_map = f", leap_feature_map={self.leap_feature_map}" \
+            if self.attn_type == "leap" else ""
+        return (f"attn_type={self.attn_type}{feature_map}, causal={self.causal}, eps={self.eps}, "
                 f"frames_per_unit={self.frames_per_unit}, waitk_lagging={self.waitk_lagging}, "
                 f"unit_causal={self.unit_causal}")
 
@@ -493,33 +505,45 @@ class LeaPMultiheadAttention(MultiheadAttention):
                 f"{self.cosformer_max_positions} (p = i / M must stay in [0, 1))")
         return positions
 
+    def _hedgehog_features(self) -> bool:
+        """Whether the features are Hedgehog's (``hedgehog``, or ``leap`` re-weighting them)."""
+        return self.attn_type == "hedgehog" or (
+            self.attn_type == "leap" and self.leap_feature_map == "hedgehog")
+
     def _feature_map_modules(self) -> Tuple[nn.Module, ...]:
-        """The learned parts of the feature map (query side, key side), if any."""
+        """The learned parts of the feature map (query side, key side, ...), if any."""
+        modules: Tuple[nn.Module, ...] = ()
         if self.attn_type == "leap":
-            return self.leap_q, self.leap_k
-        if self.attn_type == "hedgehog":
-            return self.hedgehog_q, self.hedgehog_k
-        return ()
+            modules += (self.leap_q, self.leap_k)
+        if self._hedgehog_features():
+            modules += (self.hedgehog_q, self.hedgehog_k)
+        return modules
 
     def _features(self, x: Tensor, side: str, positions: Optional[Tensor]) -> Tensor:
-        """``(B * H, L, d)`` projections -> features ``phi``: ``(B * H, L, d)`` or ``(.., 2d)``."""
-        if self.attn_type == "hedgehog":
+        """``(B * H, L, d)`` projections -> features ``phi``: ``(B * H, L, F)``, ``F`` being
+        :meth:`_feature_dim`."""
+        if self._hedgehog_features():
             layer = self.hedgehog_q if side == "q" else self.hedgehog_k
-            return ops.softmax_features(layer(x))
-        x = ops.relu_features(x)
-        if self.attn_type == "linear":
-            return x
-        if self.attn_type == "leap":
+            features = ops.softmax_features(layer(x))
+        else:
+            features = ops.relu_features(x)
+        if self.attn_type in ("linear", "hedgehog"):
+            return features
+        if self.attn_type == "leap":  # the MLPs read relu(u) whichever features they re-weight
             mlp = self.leap_q if side == "q" else self.leap_k
-            proportion = mlp(x).squeeze(-1)
+            relu = ops.relu_features(x) if self._hedgehog_features() else features
+            proportion = mlp(relu).squeeze(-1)
         else:
             proportion = self._per_head(
                 ops.cosformer_proportions(positions, self.cosformer_max_positions)
             ).to(x.dtype)
-        return ops.sincos_features(x, proportion)
+        return ops.sincos_features(features, proportion)
 
     def _feature_dim(self) -> int:
-        return self.head_dim if self.attn_type == "linear" else 2 * self.head_dim
+        """Width of ``phi``: d (linear), 2d (cosFormer, LeaP on ReLU, Hedgehog), 4d (LeaP on
+        Hedgehog's features)."""
+        width = 2 * self.head_dim if self._hedgehog_features() else self.head_dim
+        return width if self.attn_type in ("linear", "hedgehog") else 2 * width
 
     def _load_state(
         self, buffer: Dict[str, Optional[Tensor]], bsz: int, position_name: str, like: Tensor

@@ -1150,31 +1150,44 @@ def display(path: Path) -> str:
         return str(path)
 
 
+def curve_name(row: Dict) -> str:
+    """The BLEU-AL curve a table line belongs to: its row, or its row's multi-path model."""
+    return row["row"] if row["waitk"] == row["trained"] else \
+        f"{row['row']} multi-path {row['trained']}"
+
+
+def draw_curves(axis: Any, rows: List[Dict]) -> Dict[str, str]:
+    """BLEU against AL on ``axis``: a line over k per row's per-k models, and one per multi-path
+    model, at the means with the standard deviations as error bars; returns each curve's colour."""
+    colours = {}
+    for name in dict.fromkeys(curve_name(row) for row in rows):
+        points = sorted((row["AL"]["mean"], row["BLEU"]["mean"], row["AL"]["std"] or 0,
+                         row["BLEU"]["std"] or 0, row["waitk"]) for row in rows
+                        if curve_name(row) == name and row["BLEU"]["mean"] is not None)
+        if not points:
+            continue
+        drawn = axis.errorbar([p[0] for p in points], [p[1] for p in points],
+                              xerr=[p[2] for p in points], yerr=[p[3] for p in points],
+                              fmt="s--" if "multi-path" in name else "o-", capsize=3,
+                              label=name)
+        colours[name] = drawn.lines[0].get_color()
+        for latency, bleu, _, _, waitk in points:
+            axis.annotate(f"k={waitk}", (latency, bleu), fontsize=7)
+    axis.set(xlabel="AL (words)", ylabel="BLEU")
+    axis.legend(fontsize=7)
+    return colours
+
+
 def write_plot(rows: List[Dict], path: Path) -> None:
-    """BLEU against AL: a line over k per row's per-k models, and one per multi-path model."""
+    """The study's BLEU-AL curves (``draw_curves``) as a PNG."""
     import matplotlib
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def line(row: Dict) -> str:
-        return row["row"] if row["waitk"] == row["trained"] else \
-            f"{row['row']} multi-path {row['trained']}"
-
     figure, axis = plt.subplots(figsize=(6, 4.5))
-    for name in dict.fromkeys(line(row) for row in rows):
-        points = sorted((row["AL"]["mean"], row["BLEU"]["mean"], row["AL"]["std"] or 0,
-                         row["BLEU"]["std"] or 0, row["waitk"]) for row in rows
-                        if line(row) == name and row["BLEU"]["mean"] is not None)
-        if not points:
-            continue
-        axis.errorbar([p[0] for p in points], [p[1] for p in points],
-                      xerr=[p[2] for p in points], yerr=[p[3] for p in points],
-                      fmt="s--" if "multi-path" in name else "o-", capsize=3, label=name)
-        for latency, bleu, _, _, waitk in points:
-            axis.annotate(f"k={waitk}", (latency, bleu), fontsize=7)
-    axis.set(xlabel="AL (words)", ylabel="BLEU", title="BLEU vs AL (mean ± std over seeds)")
-    axis.legend(fontsize=7)
+    draw_curves(axis, rows)
+    axis.set_title("BLEU vs AL (mean ± std over seeds)")
     figure.tight_layout()
     with atomic_output(path) as partial:
         figure.savefig(partial, dpi=110)
