@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,7 @@ def invocation() -> Dict[str, str]:
     script = Path(sys.argv[0]).absolute().relative_to(root)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                             capture_output=True, text=True).stdout.strip()
-    return {"command": "python " + " ".join([str(script), *sys.argv[1:]]), "commit": commit}
+    return {"command": "python " + shlex.join([str(script), *sys.argv[1:]]), "commit": commit}
 
 
 def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
