@@ -581,7 +581,7 @@ def test_the_committed_studies_resolve_with_the_same_data_for_every_row(data, tm
         "leap-eps0.01", "leap-eps1e-4", "leap-inputnorm", "leap-lr5e-4", "leap-lr2e-3",
         "softmax-lr2e-3", "leap-warmup1000", "leap-from-softmax", "enc-leap", "dec-leap",
         "cross-leap", "leap-hedgehog"]
-    confirm = ["leap", "softmax", "hedgehog"]
+    confirm = ["leap", "softmax", "hedgehog", "leap-hedgehog"]
     expected = {  # name: rows, base, seeds, k, data
         "studies/t2t_confirm_en_de": (confirm, "t2t/small", [1, 2, 3], [3], "work/gettext-en-de"),
         "studies/t2t_confirm_en_es": (confirm, "t2t/small", [1, 2, 3], [3], "work/gettext-en-es"),
