@@ -273,8 +273,9 @@ class Recipe:
         write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
         print(table)
 
+        # SimulEval logs at DEBUG; matplotlib's import logs too, so quiet it first
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
         import matplotlib
-        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # SimulEval logs at DEBUG
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

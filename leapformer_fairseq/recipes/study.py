@@ -1180,8 +1180,8 @@ def draw_curves(axis: Any, rows: List[Dict]) -> Dict[str, str]:
 
 def write_plot(rows: List[Dict], path: Path) -> None:
     """The study's BLEU-AL curves (``draw_curves``) as a PNG."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # before its import logs
     import matplotlib
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
