@@ -49,9 +49,10 @@ class LeaPMultiheadAttention(MultiheadAttention):
         attn_type: one of ``leap``, ``cosformer``, ``linear``, ``hedgehog``, ``softmax``.
         leap_factor: LeaP MLP hidden size is ``head_dim // leap_factor``.
         leap_input_norm: layer-normalise the LeaP MLPs' input.
-        leap_feature_map: the features LeaP re-weights: ``relu`` (``relu(u)``, width d) or
-            ``hedgehog`` (Hedgehog's learned softmax features, width 2d, so the re-weighted
-            features and the recurrent state are 4d wide); the MLPs read ``relu(u)`` either way.
+        leap_feature_map: (``leap`` only; other types ignore it) the features LeaP re-weights:
+            ``relu`` (``relu(u)``, width d) or ``hedgehog`` (Hedgehog's learned softmax
+            features, width 2d, so the re-weighted features and the recurrent state are 4d
+            wide); the MLPs read ``relu(u)`` either way.
         eps: the denominator clamp ``max(sum_j s_ij, eps)`` of the linear types.
         causal: self-attention where token i sees tokens ``j <= i``. fairseq's future mask passed
             as ``attn_mask`` selects the same thing.
