@@ -1,4 +1,5 @@
-"""Attention speed and memory: fairseq softmax, torch SDPA, linear, cosFormer and LeaP.
+"""Attention speed and memory: fairseq softmax, torch SDPA, linear, cosFormer, LeaP, and LeaP over
+Hedgehog's features.
 
 Forward+backward time and peak memory against sequence length, causal and bidirectional, and
 per-token decode time against position (softmax with a key/value cache vs LeaP's recurrent
@@ -34,8 +35,9 @@ from leapformer_fairseq.profiling import peak_rss_increase
 
 ROOT = Path(__file__).resolve().parents[1]
 
-METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosformer", "leap")
-DECODE_METHODS = ("fairseq_softmax", "leap")
+METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosformer", "leap",
+           "leap_hedgehog")
+DECODE_METHODS = ("fairseq_softmax", "leap", "leap_hedgehog")
 BASELINE = "fairseq_softmax"
 LABELS = {
     "fairseq_softmax": "fairseq softmax (need_weights=False)",
@@ -44,6 +46,7 @@ LABELS = {
     "linear": "linear",
     "cosformer": "cosFormer",
     "leap": "LeaP",
+    "leap_hedgehog": "LeaP over Hedgehog's features",
 }
 
 
@@ -81,10 +84,17 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor) -> Callable[[],
             mask = torch.zeros(length, length, device=x.device).masked_fill(future, float("-inf"))
         return lambda: module(x, x, x, attn_mask=mask, need_weights=need_weights)[0]
     module = LeaPMultiheadAttention(
-        args.embed_dim, args.heads, self_attention=True, attn_type=method, causal=causal,
-        chunk_size=args.chunk_size, block_size=args.block_size,
+        args.embed_dim, args.heads, self_attention=True, causal=causal,
+        chunk_size=args.chunk_size, block_size=args.block_size, **attention_options(method),
     ).to(x.device)
     return lambda: module(x, x, x, need_weights=False)[0]
+
+
+def attention_options(method: str) -> Dict[str, str]:
+    """``LeaPMultiheadAttention``'s type and feature map of a method (``leap_hedgehog``: LeaP
+    over Hedgehog's features; the others on ReLU features)."""
+    attn_type, _, feature_map = method.partition("_")
+    return {"attn_type": attn_type, "leap_feature_map": feature_map or "relu"}
 
 
 def synchronize(device: str) -> None:
@@ -133,7 +143,7 @@ def measure_decode(method: str, positions: List[int], args) -> List[Dict]:
         module = MultiheadAttention(embed_dim, args.heads, self_attention=True)
     else:
         module = LeaPMultiheadAttention(embed_dim, args.heads, self_attention=True,
-                                        attn_type=method, causal=True)
+                                        causal=True, **attention_options(method))
     module = module.to(device).eval()
     token = torch.randn(1, 1, embed_dim, device=device)
     states, state_bytes = {}, {}
@@ -268,6 +278,11 @@ def summarise(train: List[Dict], decode: List[Dict], lengths: List[int]) -> Dict
     return summary
 
 
+def decode_methods(report: Dict) -> List[str]:
+    """The decode methods ``report`` measured, in ``DECODE_METHODS`` order."""
+    return [m for m in DECODE_METHODS if any(r["method"] == m for r in report["decode"])]
+
+
 def fmt_time(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
@@ -281,7 +296,8 @@ def markdown(report: Dict) -> str:
              *[f"Command ({section}): `{command}`" for section, command in
                report["commands"].items()], "",
              "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
-             f"Model: d_model {report['config']['embed_dim']}, {report['config']['heads']} heads, "
+             f"Model: `LeaPMultiheadAttention` (LeaP on ReLU features, its default), d_model "
+             f"{report['config']['embed_dim']}, {report['config']['heads']} heads, "
              f"batch {report['config']['batch']}, chunk {report['config']['chunk_size']}, "
              f"block {report['config']['block_size']}; "
              f"time is the median of {report['config']['repeats']} forward+backward passes; "
@@ -306,7 +322,7 @@ def markdown(report: Dict) -> str:
     lines += ["## Decode: time per token (ms) and state size (KiB)", "",
               "| method | " + " | ".join(str(p) for p in positions) + " |",
               "|---|" + "---|" * len(positions)]
-    for method in DECODE_METHODS:
+    for method in decode_methods(report):
         rows = [next(r for r in report["decode"] if (r["method"], r["position"]) == (method, p))
                 for p in positions]
         lines.append(f"| {LABELS[method]} step | "
@@ -355,7 +371,7 @@ def plot(report: Dict, path: Path) -> None:
                       label=LABELS[method])
         axis.set(xscale="log", yscale="log", xlabel="sequence length", title=title)
     axes[0].legend(fontsize=8)
-    for method in DECODE_METHODS:
+    for method in decode_methods(report):
         rows = [r for r in report["decode"] if r["method"] == method and "step_time_s" in r]
         axes[4].plot([r["position"] for r in rows], [r["step_time_s"] * 1e3 for r in rows],
                      marker="o", label=LABELS[method])
