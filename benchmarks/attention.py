@@ -296,7 +296,10 @@ def markdown(report: Dict) -> str:
              *[f"Command ({section}): `{command}`" for section, command in
                report["commands"].items()], "",
              "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
-             f"Model: `LeaPMultiheadAttention` (LeaP on ReLU features, its default), d_model "
+             "Model: `LeaPMultiheadAttention` (LeaP on ReLU features, its default"
+             + ("; `leap_hedgehog`: LeaP over Hedgehog's features"
+                if "leap_hedgehog" in report["config"].get("methods", ()) else "")
+             + "), d_model "
              f"{report['config']['embed_dim']}, {report['config']['heads']} heads, "
              f"batch {report['config']['batch']}, chunk {report['config']['chunk_size']}, "
              f"block {report['config']['block_size']}; "

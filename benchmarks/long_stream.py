@@ -12,7 +12,8 @@ drawing from the pool (seeded) with a silence of 0.3-1.2 s between sentences and
 talks of 8-12 sentences, until ``--minutes`` of audio; the same sentence audio therefore recurs
 (stated in the outputs).
 
-Model: a ``leapformer_s2t_waitk_small`` LeaP model (d 256, 6 encoder layers, 4 heads, FFN 1024),
+Model: a ``leapformer_s2t_waitk_small`` LeaP model (d 256, 6 encoder layers, 4 heads, FFN 1024;
+LeaP on ReLU features),
 either ``--checkpoint`` (with the CMVN of its data config) or, by default, seeded random weights
 built in-process as ``tests/test_s2t_models.py`` builds its models (wait-3, 9 frames per unit,
 no dropout), with a global CMVN computed from the fbank of the sentence pool.
@@ -301,7 +302,8 @@ def random_model(seed: int):
         dictionary.add_symbol(f"w{i}")
     args = argparse.Namespace(
         arch=ARCH, waitk_lagging=3, frames_per_unit=9, encoder_attn_type="leap",
-        decoder_attn_type="leap", cross_attn_type="leap", dropout=0.0, input_feat_per_channel=80,
+        decoder_attn_type="leap", cross_attn_type="leap", leap_feature_map="relu", dropout=0.0,
+        input_feat_per_channel=80,
         input_channels=1, max_source_positions=6000, max_target_positions=1024,
     )
     ARCH_CONFIG_REGISTRY[ARCH](args)
@@ -326,8 +328,8 @@ def load_model(args, pool: List[np.ndarray]):
     model = random_model(args.seed)
     features = [fbank(torch.from_numpy(a.astype(np.float32))).numpy() for a in pool]
     cmvn = GlobalCMVN(*cmvn_statistics(features))
-    return model, cmvn, (f"{ARCH}, seeded random weights (seed {args.seed}), global CMVN of the "
-                         "sentence pool's fbank")
+    return model, cmvn, (f"{ARCH} (LeaP on ReLU features), seeded random weights (seed "
+                         f"{args.seed}), global CMVN of the sentence pool's fbank")
 
 
 # --------------------------------------------------------------------------------- stream

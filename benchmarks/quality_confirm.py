@@ -58,9 +58,11 @@ def study_results(name: str) -> Dict:
         ratio, al_diff = row["bleu_ratio"]["mean"], row["al_diff"]["mean"]
         row["reaches_target"] = None if ratio is None or row["row"] == study.reference else \
             ratio >= TARGET_RATIO and abs(al_diff) <= AL_TOLERANCE
+    shared = {key: value for key, value in study.config.options.items()
+              if study.config.sources[key] == str(study.path)}
     return {"study": name, "reference": study.reference, "seeds": study.seeds,
-            "evaluation": settings, "data": study.data, "rows": collected["rows"],
-            "runs": collected["runs"]}
+            "evaluation": settings, "data": study.data, "shared_options": shared,
+            "rows": collected["rows"], "runs": collected["runs"]}
 
 
 def verdict(row: Dict, seeds: int) -> str:
@@ -86,7 +88,10 @@ def markdown(studies: List[Dict], meta: Dict) -> str:
         evaluation = study["evaluation"]
         lines += [f"## {study['study']} ({study['data']})", "",
                   f"{evaluation['sentences'] or 'All'} test sentences, "
-                  f"`{evaluation['checkpoint']}`; reference row `{study['reference']}`.", "",
+                  f"`{evaluation['checkpoint']}`; reference row `{study['reference']}`. "
+                  "Every row's options over the study's base, besides its own: "
+                  + ", ".join(f"`{key} {value}`" for key, value in
+                              study["shared_options"].items()) + ".", "",
                   "| row | k | seeds evaluated | valid loss | BLEU | AL | LAAL | BLEU / ref | "
                   "AL - ref | p | 97% |", "|" + "---|" * 11]
         for row in study["rows"]:

@@ -5,9 +5,10 @@ model has none of LeaP's parameters (its proportion MLPs; Hedgehog's feature map
 the model the checkpoint describes with the attention types replaced, copies every parameter
 the two models share, and leaves the new ones as a fresh model initialises them with ``--seed``
 (the values ``fairseq-train --seed`` would start from). Parameters only the old types have are
-dropped. The output holds the new weights and args and no optimizer state, so it can be read
-only as a starting point: ``--finetune-from-model`` resets the optimizer, learning-rate schedule
-and update count.
+dropped. LeaP blocks re-weight the features the checkpoint's args name (``--leap-feature-map``:
+hedgehog, unless the checkpoint was saved without the option, which means relu). The output
+holds the new weights and args and no optimizer state, so it can be read only as a starting
+point: ``--finetune-from-model`` resets the optimizer, learning-rate schedule and update count.
 
     python -m leapformer_fairseq.convert --checkpoint SOFTMAX.pt --attn-type leap --out INIT.pt
 """

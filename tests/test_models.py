@@ -80,6 +80,21 @@ def test_leap_feature_map_reaches_the_leap_blocks(feature_map):
     assert not hasattr(model.decoder.layers[0].encoder_attn, "hedgehog_q")
 
 
+@pytest.mark.parametrize("model", ["leapformer_waitk_transformer", "leapformer_s2t_waitk"])
+def test_training_defaults_to_hedgehog_features_and_saved_args_without_them_keep_relu(model):
+    """fairseq-train parses ``--leap-feature-map hedgehog`` unless told otherwise; args saved
+    without the option, or with it unset (before hedgehog became the default), mean relu."""
+    parser = argparse.ArgumentParser()
+    ARCH_MODEL_REGISTRY[model].add_args(parser)
+    trained_now = parser.parse_args([])
+    resolve_attention_types(trained_now)
+    assert trained_now.leap_feature_map == "hedgehog"
+    assert parser.parse_args(["--leap-feature-map", "relu"]).leap_feature_map == "relu"
+    for saved in (argparse.Namespace(), argparse.Namespace(leap_feature_map=None)):
+        resolve_attention_types(saved)
+        assert saved.leap_feature_map == "relu"
+
+
 def test_reference_flags_select_leap_per_block():
     args = argparse.Namespace(enc_leapformer_enable=True, dec_sa_leapformer_enable=False,
                               dec_ca_leapformer_enable=True)

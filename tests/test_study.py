@@ -397,6 +397,25 @@ def test_partial_runs_are_refused_and_resumed_only_when_asked(done, tmp_path):
     assert rows["softmax"]["seeds_evaluated"] == list(SEEDS)
 
 
+def test_a_run_recorded_before_the_feature_map_default_changed_counts_as_relu(done, tmp_path):
+    """A run recorded while ``--leap-feature-map`` was unset (its default was relu) is a relu
+    run: the same as one asked for with relu, and another than one with hedgehog."""
+    out = tmp_path / "out"
+    shutil.copytree(done.out, out)
+    record_path = out / "leap" / f"k{WAITK}_seed1" / "run.json"
+    record = json.loads(record_path.read_text())
+    assert record["args"]["leap_feature_map"] == "hedgehog"  # t2t/small's, recorded
+    record["args"]["leap_feature_map"] = None
+    del record["options"]["leap-feature-map"]
+    record_path.write_text(json.dumps(record))
+    only = ("--out", out, "--cpu", "--rows", "leap", "--seeds", "1")
+    assert refusal("run", done.path, *only) == (
+        f"[study] run: {out / 'leap' / f'k{WAITK}_seed1'} holds a run with other options "
+        "(leap-feature-map: relu there, hedgehog now); delete it or choose another --out")
+    log = main("run", done.path, *only, "--set", "leap-feature-map=relu")
+    assert log.count(f": finished ({UPDATES} updates)") == 1 and " start " not in log
+
+
 # --------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("change, message", [
     (dict(section={"seed": 3}), "FILE: study: unknown key 'seed' (a study holds data, out, "
@@ -613,6 +632,6 @@ def test_the_committed_studies_resolve_with_the_same_data_for_every_row(data, tm
                 assert types == (row,) * 3
                 assert getattr(args, "cosformer_max_positions", None) == (
                     80 if row == "cosformer" else None)  # unset: the model's 1024
-            assert getattr(args, "leap_feature_map", None) == (  # unset: relu
-                "hedgehog" if row == "leap-hedgehog" else None)
+            assert args.leap_feature_map == (  # the studies ran before hedgehog was t2t/small's
+                "hedgehog" if row == "leap-hedgehog" else "relu")
     assert not (tmp_path / "studies").exists()  # a dry run writes nothing

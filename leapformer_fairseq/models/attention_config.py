@@ -12,6 +12,10 @@ POSITIVE_OPTIONS = {
     "cosformer_max_positions": ("--cosformer-max-positions", 1024),
 }
 
+# options whose default changed -> what args saved without them (or with None) mean: the
+# parser's default now is hedgehog, so only checkpoints saved before that lack the option
+SAVED_DEFAULTS = {"leap_feature_map": "relu"}
+
 # block name -> (option for its attention type, the reference implementation's flag)
 ATTENTION_BLOCKS = {
     "encoder": ("encoder_attn_type", "enc_leapformer_enable"),
@@ -79,11 +83,11 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
                        help="layer-normalise the LeaP MLPs' input (the ReLU features of each "
                             "head) so the proportions can spread (default: off, as saved "
                             "checkpoints without the option were trained)")
-    group.add_argument("--leap-feature-map", choices=LEAP_FEATURE_MAPS, default=None,
-                       help="the features LeaP re-weights: relu (the paper's), or hedgehog "
-                            "(Hedgehog's learned softmax features; twice the recurrent state) "
-                            "(default: relu, as saved checkpoints without the option were "
-                            "trained)")
+    group.add_argument("--leap-feature-map", choices=LEAP_FEATURE_MAPS, default="hedgehog",
+                       help="the features LeaP re-weights: hedgehog (Hedgehog's learned "
+                            "softmax features; twice the recurrent state of relu), or relu (the "
+                            "paper's) (default: hedgehog; a checkpoint saved without the option "
+                            "was trained with relu, and keeps it)")
     group.add_argument("--leap-eps", type=positive(float, "--leap-eps"), metavar="EPS",
                        help="denominator clamp max(sum_j s_ij, EPS) of the linear types "
                             "(default 0.1)")
@@ -104,7 +108,8 @@ def resolve_attention_types(args: argparse.Namespace) -> None:
     Without the reference flags every unset type is ``leap``. With any of them, flagged blocks
     are ``leap`` and the others ``softmax``; an explicit ``--*-attn-type`` that disagrees is
     an error. Unset ``--leap-factor``, ``--leap-eps`` and ``--cosformer-max-positions`` take
-    their defaults; an explicit value <= 0 is an error naming the flag.
+    their defaults; an explicit value <= 0 is an error naming the flag. Unset options of
+    :data:`SAVED_DEFAULTS` (args saved before their default changed) take the old default.
     """
     flagged = {block: bool(getattr(args, flag, False))
                for block, (_, flag) in ATTENTION_BLOCKS.items()}
@@ -124,6 +129,9 @@ def resolve_attention_types(args: argparse.Namespace) -> None:
     for option, (flag, default) in POSITIVE_OPTIONS.items():
         value = getattr(args, option, None)
         setattr(args, option, default if value is None else check_positive(flag, value))
+    for option, saved in SAVED_DEFAULTS.items():
+        if getattr(args, option, None) is None:
+            setattr(args, option, saved)
 
 
 def attention_config(
@@ -137,7 +145,7 @@ def attention_config(
         attn_type=getattr(args, ATTENTION_BLOCKS[block][0]),
         leap_factor=args.leap_factor,
         leap_input_norm=bool(getattr(args, "leap_input_norm", False)),
-        leap_feature_map=getattr(args, "leap_feature_map", None) or "relu",
+        leap_feature_map=args.leap_feature_map,
         eps=args.leap_eps,
         cosformer_max_positions=args.cosformer_max_positions,
         causal=causal,

@@ -489,7 +489,11 @@ def finished(updates: int, max_update: int, sessions: List[Dict]) -> bool:
 
 def differences(record: Dict, resolved: Resolved, data: Path) -> List[str]:
     """How ``resolved`` differs from the run recorded in ``record`` (its data and its options as
-    fairseq-train parsed them), leaving out what may change between sessions (RESUMABLE)."""
+    fairseq-train parsed them), leaving out what may change between sessions (RESUMABLE). An
+    option recorded unset before its default changed counts as its old default
+    (``SAVED_DEFAULTS``)."""
+    from leapformer_fairseq.models.attention_config import SAVED_DEFAULTS
+
     found = []
     if record.get("data") != str(data):
         found.append(f"data: {record.get('data')} there, {data} now")
@@ -501,6 +505,8 @@ def differences(record: Dict, resolved: Resolved, data: Path) -> List[str]:
         dest = key.replace("-", "_")
         if dest in recorded_args and dest in current_args:
             before, now = recorded_args[dest], current_args[dest]
+            if before is None:  # recorded before the option's default changed
+                before = SAVED_DEFAULTS.get(dest)
         else:
             before, now = recorded_options.get(key), plain(resolved.options.get(key))
         if before != now:
