@@ -19,17 +19,24 @@ after ``--``. fairseq's own parser (with the model's and task's options) then ch
 an unknown option or a bad value is refused naming where it was set, and an alias
 (``fixed-pre-decision-ratio``) is recorded under its option's first name (``frames-per-unit``).
 Every problem raises :class:`ConfigError` with a one-line message naming the file or flag and
-the key.
+the key. A training step into a run directory whose ``checkpoint_last.pt`` (which fairseq-train
+resumes) was trained with other options is refused before anything is written
+(:func:`check_resume`).
 """
 import argparse
+import copy
 import io
+import json
+import logging
 import re
 import shlex
+import threading
+import warnings
 from argparse import Namespace
-from contextlib import redirect_stderr
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -38,6 +45,14 @@ from leapformer_fairseq.recipes.common import FAIRSEQ_TRAIN, ROOT, Recipe, write
 CONFIGS = ROOT / "configs"
 RECIPES = ("t2t train", "s2t train-asr", "s2t train-st")
 KEYS = ("recipe", "extends", "fairseq-train")
+# fairseq-train options (by their names in its args) a run may change when it resumes from its
+# checkpoint, or be adopted with: where its data, its checkpoints and the plugin are, the device
+# (and the GPU count fairseq's distributed options default to), the budget, the path of the
+# encoder a speech-translation run started from (the checkpoint replaces it), the arch's name
+RESUMABLE = ("data", "save_dir", "user_dir", "cpu", "distributed_world_size",
+             "distributed_num_procs", "nprocs_per_node", "max_update",
+             "load_pretrained_encoder_from", "encoder_initialized_from", "_name")
+RECORD_LOCK = threading.Lock()
 
 
 class ConfigError(ValueError):
@@ -480,6 +495,113 @@ def hydra_train_config(resolved: Resolved, save_dir: Path) -> str:
             + yaml.safe_dump(sections, sort_keys=False, allow_unicode=True, width=100))
 
 
+# ------------------------------------------------------------------------------- resuming
+def plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def unwrap(value: Any) -> Any:
+    """fairseq parses some options into one-element lists (``--lr 0.001`` is ``[0.001]``)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+@contextmanager
+def quiet_hydra() -> Iterator[None]:
+    """Around fairseq's conversion of options to hydra's form: not thread-safe, and noisy
+    (deprecation warnings, DEBUG lines)."""
+    hydra = logging.getLogger("hydra")
+    with RECORD_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        level = hydra.level
+        hydra.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            hydra.setLevel(level)
+
+
+def trained_options(checkpoint: Path) -> Optional[Dict[str, Any]]:
+    """The fairseq-train options ``checkpoint`` was trained with: its ``cfg.model``, which for
+    an argparse arch (all under fairseq-train) is the whole parsed namespace; ``None`` if it
+    records none. A file that does not load raises :class:`ConfigError` naming it."""
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # torch raises many kinds for a damaged file
+        raise ConfigError(f"{checkpoint}: not a readable fairseq checkpoint "
+                          f"({type(error).__name__}: {error})".splitlines()[0]) from None
+    model = (state.get("cfg") or {}).get("model")
+    return plain(vars(model)) if isinstance(model, Namespace) else None
+
+
+def built_options(args: Namespace) -> Dict[str, Any]:
+    """The options a run of fairseq-train's parsed ``args`` (:attr:`Resolved.args`) records in
+    its checkpoints: its ``cfg.model`` after the task has built the model from it (which fills
+    the arch's defaults in)."""
+    from fairseq import tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    with quiet_hydra():
+        cfg = convert_namespace_to_omegaconf(Namespace(**copy.deepcopy(vars(args))))
+    tasks.setup_task(cfg.task).build_model(cfg.model)
+    return plain(vars(cfg.model))
+
+
+def saved_value(options: Dict[str, Any], name: str) -> Any:
+    """The option ``name`` of recorded ``options`` (a checkpoint's, a run record's args;
+    ``...`` if missing); unset there (missing or ``None``) before its default changed, its old
+    default (``SAVED_DEFAULTS``)."""
+    from leapformer_fairseq.models.attention_config import SAVED_DEFAULTS
+
+    value = options.get(name, ...)
+    if (value is None or value is ...) and name in SAVED_DEFAULTS:
+        return SAVED_DEFAULTS[name]
+    return value
+
+
+def changed_options(there: Dict[str, Any], now: Dict[str, Any],
+                    free: Sequence[str] = RESUMABLE) -> List[Tuple[str, Any, Any]]:
+    """``(name, value there, value now)`` of every option but ``free`` (by their names in
+    fairseq's args) whose recorded value (:func:`saved_value`) in ``there`` differs from
+    ``now``; one-element lists unwrapped, ``unset`` for an option one side lacks."""
+    def shown(value: Any) -> Any:
+        return "unset" if value is ... else unwrap(value)
+
+    changed = []
+    for name in dict.fromkeys([*now, *there]):
+        before, after = saved_value(there, name), now.get(name, ...)
+        if name not in free and before != after:
+            changed.append((name, shown(before), shown(after)))
+    return changed
+
+
+def check_resume(save_dir: Path, resolved: Resolved) -> None:
+    """Refuse (:class:`ConfigError`) to train ``resolved`` in ``save_dir`` if it holds a
+    ``checkpoint_last.pt``, which fairseq-train would resume, trained with other options than
+    those a resume may change (RESUMABLE): fairseq-train would fail to load it (another model),
+    or go on under a run record that is not the checkpoint's."""
+    checkpoint = save_dir / "checkpoint_last.pt"
+    if not checkpoint.is_file():
+        return
+    remedy = "delete the directory or choose another output directory"
+    trained = trained_options(checkpoint)
+    if trained is None:
+        raise ConfigError(f"{checkpoint} records no fairseq-train options (cfg.model) to compare "
+                          f"with, and fairseq-train would resume it; {remedy}")
+    # built without the encoder a speech-translation run starts from: the checkpoint replaces it
+    args = Namespace(**{**vars(resolved.args), "load_pretrained_encoder_from": None})
+    changed = changed_options(trained, built_options(args))
+    if changed:
+        raise ConfigError(
+            f"{save_dir} holds a run trained with other options, whose checkpoint_last.pt "
+            "fairseq-train would resume ("
+            + "; ".join(f"{name.replace('_', '-')}: {before} there, {after} now"
+                        for name, before, after in changed)
+            + f"); {remedy}")
+
+
 # ------------------------------------------------------------------------------- training
 class Run(NamedTuple):
     """A training run: its directory, named by its attention and wait-k (``None``: offline; a
@@ -496,7 +618,13 @@ def run_label(attn_type: str, waitk: Union[int, str, None]) -> str:
 
 
 def train_run(recipe: Recipe, step: str, resolved: Resolved, save_dir: Path) -> Run:
-    """Record ``resolved`` in ``save_dir`` and run fairseq-train there (log: ``train.log``)."""
+    """Record ``resolved`` in ``save_dir`` and run fairseq-train there (log: ``train.log``),
+    which resumes its ``checkpoint_last.pt``; refused first if that was trained with other
+    options (:func:`check_resume`)."""
+    try:
+        check_resume(save_dir, resolved)
+    except ConfigError as error:
+        raise recipe.fail(f"{step}: {error}") from None
     save_dir.mkdir(parents=True, exist_ok=True)
     command = resolved.command(save_dir)
     write_run_record(save_dir, resolved, command)

@@ -29,14 +29,11 @@ import shlex
 import shutil
 import statistics
 import subprocess
-import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -52,15 +49,23 @@ from leapformer_fairseq.recipes.common import (
 )
 from leapformer_fairseq.recipes.config import (
     CONFIGS,
+    RESUMABLE,
     ConfigError,
     Resolved,
     TrainConfig,
     attention_types,
+    built_options,
+    changed_options,
     check_option,
     config_path,
     load_file,
     parse_set,
+    plain,
+    quiet_hydra,
     resolve,
+    saved_value,
+    trained_options,
+    unwrap,
     write_run_record,
 )
 
@@ -74,13 +79,10 @@ GRID_KEYS = {"seed": "study: seeds", "waitk-lagging": "study: waitk", "cpu": "th
 SIMULEVAL_KEYS = ("agent", "source", "target", "checkpoint", "data-bin", "spm", "waitk", "output",
                   "source-type", "target-type", "quality-metrics", "latency-metrics",
                   "eval-latency-unit", "no-scoring", "computation-aware")
-# options a run may change between sessions (a longer budget, another device)
-RESUMABLE = ("max-update", "cpu")
 ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 VALID_LINE = re.compile(r"\| valid on '([^']+)' subset \| loss (\S+) .*?\| num_updates (\d+)")
 METRICS = ("BLEU", "AL", "LAAL", "AP", "DAL")
 BOOTSTRAP_SAMPLES = 1000  # sacrebleu's default for the paired bootstrap
-RECORD_LOCK = threading.Lock()
 
 
 # -------------------------------------------------------------------------------- study file
@@ -425,11 +427,6 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def plain(value: Any) -> Any:
-    """``value`` as JSON gives it back (tuples as lists, paths as strings)."""
-    return json.loads(json.dumps(value, default=str))
-
-
 def checkpoint_updates(path: Path) -> int:
     import torch
 
@@ -491,32 +488,23 @@ def differences(record: Dict, resolved: Resolved, data: Path) -> List[str]:
     """How ``resolved`` differs from the run recorded in ``record`` (its data and its options as
     fairseq-train parsed them), leaving out what may change between sessions (RESUMABLE). An
     option recorded unset before its default changed counts as its old default
-    (``SAVED_DEFAULTS``)."""
-    from leapformer_fairseq.models.attention_config import SAVED_DEFAULTS
-
+    (:func:`saved_value`)."""
     found = []
     if record.get("data") != str(data):
         found.append(f"data: {record.get('data')} there, {data} now")
     recorded_args, current_args = record.get("args", {}), plain(vars(resolved.args))
     recorded_options = record.get("options", {})
     for key in dict.fromkeys([*recorded_options, *resolved.options]):
-        if key in RESUMABLE:
-            continue
         dest = key.replace("-", "_")
+        if dest in RESUMABLE:
+            continue
         if dest in recorded_args and dest in current_args:
-            before, now = recorded_args[dest], current_args[dest]
-            if before is None:  # recorded before the option's default changed
-                before = SAVED_DEFAULTS.get(dest)
+            before, now = saved_value(recorded_args, dest), current_args[dest]
         else:
             before, now = recorded_options.get(key), plain(resolved.options.get(key))
         if before != now:
             found.append(f"{key}: {unwrap(before)} there, {unwrap(now)} now")
     return found
-
-
-def unwrap(value: Any) -> Any:
-    """fairseq parses some options into one-element lists (``--lr 0.001`` is ``[0.001]``)."""
-    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 def plan(study: Study, runs: List[GridRun], data: Path, overrides, cpu, resume: bool) -> None:
@@ -589,21 +577,6 @@ def duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
-
-
-@contextmanager
-def quiet_hydra() -> Iterator[None]:
-    """Around fairseq's conversion of options to hydra's form: not thread-safe, and noisy
-    (deprecation warnings, DEBUG lines)."""
-    hydra = logging.getLogger("hydra")
-    with RECORD_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        level = hydra.level
-        hydra.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            hydra.setLevel(level)
 
 
 def train(run: GridRun, data: Path, device: Device, slot: int, jobs: int, position: str) -> None:
@@ -691,43 +664,7 @@ def run_command(args) -> None:
 
 
 # -------------------------------------------------------------------------- adopting a run
-# options an adopted run may have had otherwise: where it ran and saved, the plugin's path (the
-# data directory is compared as a path), and the budget (its checkpoint must be at max-update)
-ADOPT_FREE = ("save_dir", "data", "user_dir", "cpu", "max_update", "_name")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \|", re.MULTILINE)
-
-
-def trained_options(checkpoint: Path) -> Dict[str, Any]:
-    """The fairseq-train options ``checkpoint`` was trained with: its ``cfg.model``, which for
-    this plugin's (argparse) archs is the whole parsed namespace."""
-    from argparse import Namespace
-
-    import torch
-
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # torch raises many kinds for a damaged file
-        raise RECIPE.fail(f"{checkpoint}: not a readable fairseq checkpoint "
-                          f"({type(error).__name__}: {error})".splitlines()[0]) from None
-    model = (state.get("cfg") or {}).get("model")
-    if not isinstance(model, Namespace):
-        raise RECIPE.fail(f"adopt: {checkpoint} records no fairseq-train options (cfg.model); "
-                          "only runs of this plugin's archs can be adopted")
-    return plain(vars(model))
-
-
-def built_options(resolved: Resolved) -> Dict[str, Any]:
-    """The options a run of ``resolved`` records in its checkpoints: fairseq-train's ``cfg.model``
-    after the task has built the model from it (which fills the arch's defaults in)."""
-    from argparse import Namespace
-
-    from fairseq import tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    with quiet_hydra():
-        cfg = convert_namespace_to_omegaconf(Namespace(**copy.deepcopy(vars(resolved.args))))
-    tasks.setup_task(cfg.task).build_model(cfg.model)
-    return plain(vars(cfg.model))
 
 
 def log_seconds(log_file: Path) -> Optional[float]:
@@ -771,11 +708,17 @@ def adopt_command(args) -> None:
         run.resolved = resolve_run(study, run, data, [], (True, "adopt"))
     except ConfigError as error:
         raise RECIPE.fail(f"adopt: {error}") from None
-    trained, wanted = trained_options(checkpoint), built_options(run.resolved)
-    found = [f"{key}: {unwrap(trained.get(key, 'unset'))} there, "
-             f"{unwrap(wanted.get(key, 'unset'))} in the study"
-             for key in dict.fromkeys([*wanted, *trained])
-             if key not in ADOPT_FREE and trained.get(key, ...) != wanted.get(key, ...)]
+    try:
+        trained = trained_options(checkpoint)
+    except ConfigError as error:
+        raise RECIPE.fail(str(error)) from None
+    if trained is None:
+        raise RECIPE.fail(f"adopt: {checkpoint} records no fairseq-train options (cfg.model); "
+                          "only runs of this plugin's archs can be adopted")
+    # the options a resume may change may differ (RESUMABLE); the data is compared as a path,
+    # the budget below (the checkpoint must be at max-update)
+    found = [f"{name}: {before} there, {after} in the study"
+             for name, before, after in changed_options(trained, built_options(run.resolved.args))]
     there = Path(trained.get("data") or "")
     if (there if there.is_absolute() else ROOT / there).resolve() != (data / "data-bin").resolve():
         found.insert(0, f"data: {trained.get('data')} there, {data / 'data-bin'} in the study")
