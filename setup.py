@@ -15,4 +15,6 @@ setup(
         "sacrebleu",
         "soundfile",
     ],
+    # the GPU backend of the causal sums (LEAPFORMER_ATTENTION_BACKEND=fla; docs/models.md)
+    extras_require={"gpu": ["fla-core==0.6.0"]},
 )

@@ -59,8 +59,10 @@ def reference(module, query, key, key_padding_mask=None, allowed=None):
             p_q = module.leap_q(torch.relu(q)).squeeze(-1)
             p_k = module.leap_k(torch.relu(k)).squeeze(-1)
         elif module.attn_type == "cosformer":  # right padding only: positions are 0, 1, 2, ...
-            p_q = torch.arange(q.size(1)).expand(q.size(0), -1) / module.cosformer_max_positions
-            p_k = torch.arange(k.size(1)).expand(k.size(0), -1) / module.cosformer_max_positions
+            p_q = torch.arange(q.size(1), dtype=q.dtype).expand(q.size(0), -1) \
+                / module.cosformer_max_positions
+            p_k = torch.arange(k.size(1), dtype=k.dtype).expand(k.size(0), -1) \
+                / module.cosformer_max_positions
         out = ops.naive_leap_attention(q_t, k_t, v, p_q, p_k, allowed, padding)
     return module.out_proj(out.transpose(0, 1).reshape(query.size(0), bsz, EMBED))
 

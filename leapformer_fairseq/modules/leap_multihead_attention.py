@@ -7,9 +7,10 @@ the forms in :mod:`leapformer_fairseq.ops` and never build an ``L x L`` matrix; 
 ``hedgehog``, a learned softmax feature map (docs/math.md §1) kept beside LeaP for comparison.
 LeaP re-weights ReLU features by default, or Hedgehog's features (``leap_feature_map``).
 """
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
+import torch.nn.functional as F
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
@@ -20,6 +21,32 @@ LINEAR_ATTN_TYPES = ("leap", "cosformer", "linear", "hedgehog")
 LEAP_FEATURE_MAPS = ("relu", "hedgehog")
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+Derived = TypeVar("Derived")
+
+# Causal self-attention of at most this many rows takes the short form ("causal short"), per
+# device type, from the cut-over sweep ``python benchmarks/attention.py --sections cutover``
+# (docs/benchmarks.md). A device type not listed (CUDA: not measured yet) always takes
+# "causal blockwise".
+SHORT_FORM_MAX_LENGTH = {"cpu": 128}
+
+# the sides a feature map is computed for: queries (0), keys (1), or both stacked
+SIDES = {"q": (0,), "k": (1,), "qk": (0, 1)}
+
+# Every form a linear-attention call can take (:meth:`LeaPMultiheadAttention.select_form`) and the
+# function of :mod:`leapformer_fairseq.ops` that computes it. The kernel forms run the causal sums
+# of a backend other than ``torch`` (``ops.select_backend``).
+FORMS = {
+    "bidirectional": "bidirectional_linear_attention",
+    "prefix": "prefix_linear_attention",
+    "prefix kernel": "prefix_linear_attention_with the backend's sums (merged sequence)",
+    "causal short": "causal_linear_attention, one chunk (masked L x L scores)",
+    "causal blockwise": "blockwise_causal_linear_attention",
+    "causal kernel": "causal_linear_attention_with the backend's sums",
+    "step": "recurrent_step, one fused projection of q, k and v",
+    "step chunked": "causal_linear_attention from the state",
+    "step units": "update_state, then query_state, per unit",
+    "read": "query_state of the source sums",
+}
 
 
 def leap_proportion_mlp(head_dim: int, leap_factor: int,
@@ -70,6 +97,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
         chunk_size: chunk length of the causal chunked form.
         block_size: rows per block of causal self-attention, whose features are recomputed
             block by block in backward (memory ``O(L d)`` plus ``O(block_size)``).
+        short_form_max_length: causal self-attention of at most this many rows takes the short
+            form (one masked ``L x L`` chunk, no recomputation); ``None``: the measured cut-over
+            of the input's device (``SHORT_FORM_MAX_LENGTH``).
 
     For the linear types, ``dropout`` is applied to the values (attention weights are never
     formed), so evaluation-mode outputs are deterministic; ``need_weights`` returns ``None``.
@@ -97,6 +127,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         unit_causal: bool = False,
         chunk_size: int = 64,
         block_size: int = 256,
+        short_form_max_length: Optional[int] = None,
         **fairseq_kwargs,
     ):
         if attn_type not in ATTN_TYPES:
@@ -125,6 +156,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
             raise ValueError(f"frames_per_unit must be >= 1, got {frames_per_unit}")
         if unit_causal and not causal:
             raise ValueError("unit_causal=True needs causal=True")
+        if short_form_max_length is not None and short_form_max_length < 0:
+            raise ValueError(f"short_form_max_length must be >= 0, got {short_form_max_length}")
         super().__init__(
             embed_dim,
             num_heads,
@@ -148,10 +181,15 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.unit_causal = unit_causal
         self.chunk_size = chunk_size
         self.block_size = block_size
+        self.short_form_max_length = short_form_max_length
+        self._hedgehog = attn_type == "hedgehog" or (
+            attn_type == "leap" and leap_feature_map == "hedgehog")
+        # what _derive keeps: name -> (source parameters, their versions, value)
+        self._derived: Dict[str, Tuple[Tuple[Tensor, ...], Tuple[int, ...], object]] = {}
         if attn_type == "leap":
             self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor, leap_input_norm)
             self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor, leap_input_norm)
-        if self._hedgehog_features():  # the query map first undoes fairseq's query scaling
+        if self._hedgehog:  # the query map first undoes fairseq's query scaling
             self.hedgehog_q = hedgehog_map(self.head_dim, 1.0 / self.scaling)
             self.hedgehog_k = hedgehog_map(self.head_dim, 1.0)
 
@@ -231,41 +269,101 @@ class LeaPMultiheadAttention(MultiheadAttention):
                     "attn_mask; use key_limit for prefix-limited attention"
                 )
             causal = True
-        if incremental_state is not None:
-            if key_limit is not None:
-                raise ValueError("key_limit is a training-time mask; incremental steps "
-                                 "see exactly the keys pushed so far")
-            if self.self_attention:
-                out = self._self_attention_step(query, key_padding_mask, incremental_state)
-            else:
-                out = self._cross_attention_step(
-                    query, key, value, key_padding_mask, incremental_state, static_kv
-                )
+        incremental = incremental_state is not None
+        if incremental and key_limit is not None:
+            raise ValueError("key_limit is a training-time mask; incremental steps "
+                             "see exactly the keys pushed so far")
+        if self.self_attention and causal and self.unit_causal and not incremental:
+            causal, key_limit = False, self.unit_causal_limit(query.size(0), 0, query.device)
+        backend = ops.select_backend(query.device, query.dtype)
+        form = self.select_form(query.size(0), incremental, causal, key_limit is not None,
+                                key_padding_mask is not None, query.device, backend)
+        if form == "read":
+            out = self._cross_attention_step(
+                query, key, value, key_padding_mask, incremental_state, static_kv)
+        elif form.startswith("step"):
+            out = self._self_attention_step(form, query, key_padding_mask, incremental_state)
         elif self.self_attention:
-            if causal and self.unit_causal:
-                causal, key_limit = False, self.unit_causal_limit(query.size(0), 0, query.device)
-            out = self._self_attention(query, key_padding_mask, causal, key_limit)
+            out = self._self_attention(form, query, key_padding_mask, key_limit, backend)
         else:
-            out = self._cross_attention(query, key, value, key_padding_mask, key_limit)
+            out = self._cross_attention(form, query, key, value, key_padding_mask, key_limit,
+                                        backend)
         return self._merge_heads(out, query.size(1)), None
+
+    def select_form(self, length: int, incremental: bool, causal: bool, key_limit: bool,
+                    padded: bool, device: torch.device, backend: str = "torch") -> str:
+        """The form (a key of ``FORMS``) a linear-attention call takes: the one place that
+        chooses.
+
+        Args:
+            length: query rows of the call; incremental: an ``incremental_state`` is passed;
+            causal: causal self-attention (unit-causal calls arrive as ``key_limit``);
+            key_limit: the call limits each query's keys (wait-k, unit-causal);
+            padded: a key padding mask is passed; device: the inputs' device;
+            backend: of the causal sums (``ops.BACKENDS``; ``torch``: the native forms).
+        """
+        kernel = backend != "torch"
+        if incremental:
+            if not self.self_attention:
+                return "read"
+            if self.unit_causal:
+                return "step units"
+            return "step" if length == 1 and not padded else "step chunked"
+        if key_limit:
+            return "prefix kernel" if kernel else "prefix"
+        if not (self.self_attention and causal):
+            return "bidirectional"
+        if kernel:
+            return "causal kernel"
+        short = self.short_form_max_length
+        if short is None:
+            short = SHORT_FORM_MAX_LENGTH.get(torch.device(device).type, 0)
+        return "causal short" if length <= short else "causal blockwise"
 
     # --------------------------------------------------------------- parallel forms
     def _self_attention(
-        self, x: Tensor, padding_mask: Optional[Tensor], causal: bool, key_limit: Optional[Tensor]
+        self, form: str, x: Tensor, padding_mask: Optional[Tensor], key_limit: Optional[Tensor],
+        backend: str,
     ) -> Tensor:
+        """The parallel forms of self-attention: ``bidirectional``, ``prefix`` (``prefix
+        kernel``), ``causal short``, ``causal blockwise``, ``causal kernel``."""
         positions = self._positions(padding_mask, x.size(0), x.size(1), x.device)
         mask = self._per_head(padding_mask)
-        if causal:
+        if form == "causal blockwise":
             out = self._blockwise_causal(x, positions, mask)
             return out if mask is None else out.masked_fill(mask[..., None], 0.0)
-        q = self._features(self._split_heads(self.q_proj(x) * self.scaling), "q", positions)
-        k = self._features(self._split_heads(self.k_proj(x)), "k", positions)
+        q, k = self._self_features(self._split_heads(self.q_proj(x) * self.scaling),
+                                   self._split_heads(self.k_proj(x)), positions)
         v = self.dropout_module(self._split_heads(self.v_proj(x)))
-        if key_limit is not None:
-            return ops.prefix_linear_attention(
-                q, k, v, self._per_head(key_limit), mask, mask, self.eps
-            )
+        if form in ("causal short", "causal kernel"):
+            if form == "causal short":
+                out, _ = ops.causal_linear_attention(q, k, v, x.size(0), mask, self.eps,
+                                                     output_final_state=False)
+            else:
+                out, _ = ops.causal_linear_attention_with(ops.SUMS[backend], q, k, v, mask,
+                                                          self.eps)
+            return out if mask is None else out.masked_fill(mask[..., None], 0.0)
+        if form.startswith("prefix"):
+            return self._prefix(form, backend, q, k, v, key_limit, mask, mask)
         return ops.bidirectional_linear_attention(q, k, v, mask, mask, self.eps)
+
+    def _prefix(self, form: str, backend: str, q: Tensor, k: Tensor, v: Tensor,
+                key_limit: Tensor, key_mask: Optional[Tensor],
+                query_mask: Optional[Tensor]) -> Tensor:
+        """``prefix`` or ``prefix kernel`` on features and per-head masks."""
+        limit = self._per_head(key_limit)
+        if form == "prefix kernel":
+            return ops.prefix_linear_attention_with(ops.SUMS[backend], q, k, v, limit, key_mask,
+                                                    query_mask, self.eps)
+        return ops.prefix_linear_attention(q, k, v, limit, key_mask, query_mask, self.eps)
+
+    def _self_features(
+        self, q: Tensor, k: Tensor, positions: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor]:
+        """Query and key features of self-attention in one pass over both sides:
+        ``(N, L, d)`` projections -> ``(N, L, F)`` features each."""
+        features = self._features(torch.stack([q, k]), "qk", positions)
+        return features[0], features[1]
 
     def _blockwise_causal(
         self, x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor]
@@ -273,9 +371,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         """Causal self-attention that stores no projection or feature: projections and
         features are recomputed block by block in backward. Values are stored only while
         dropout is active (a recomputed dropout mask would differ)."""
-        dropout_active = self.dropout_module.p > 0 and (
-            self.training or self.dropout_module.apply_during_inference
-        )
+        dropout_active = self._dropout_active()
         values = self.dropout_module(self._split_heads(self.v_proj(x))) if dropout_active else None
 
         def feature_map(
@@ -286,8 +382,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
             q = self._split_heads(self.q_proj(x_block) * self.scaling)
             k = self._split_heads(self.k_proj(x_block))
             v = None if dropout_active else self._split_heads(self.v_proj(x_block))
-            return (self._features(q, "q", block_positions),
-                    self._features(k, "k", block_positions), v)
+            return (*self._self_features(q, k, block_positions), v)
 
         feature_params = [*self.q_proj.parameters(), *self.k_proj.parameters()]
         if not dropout_active:
@@ -301,12 +396,16 @@ class LeaPMultiheadAttention(MultiheadAttention):
 
     def _cross_attention(
         self,
+        form: str,
         query: Tensor,
         key: Tensor,
         value: Tensor,
         key_padding_mask: Optional[Tensor],
         key_limit: Optional[Tensor],
+        backend: str,
     ) -> Tensor:
+        """The parallel forms of cross-attention: ``bidirectional``, ``prefix`` (``prefix
+        kernel``)."""
         bsz = query.size(1)
         q_positions = self._positions(None, query.size(0), bsz, query.device)
         k_positions = self._positions(key_padding_mask, key.size(0), bsz, key.device)
@@ -314,26 +413,38 @@ class LeaPMultiheadAttention(MultiheadAttention):
         k = self._features(self._split_heads(self.k_proj(key)), "k", k_positions)
         v = self.dropout_module(self._split_heads(self.v_proj(value)))
         mask = self._per_head(key_padding_mask)
-        if key_limit is not None:
-            return ops.prefix_linear_attention(
-                q, k, v, self._per_head(key_limit), mask, None, self.eps
-            )
+        if form != "bidirectional":
+            return self._prefix(form, backend, q, k, v, key_limit, mask, None)
         return ops.bidirectional_linear_attention(q, k, v, mask, None, self.eps)
 
     # ------------------------------------------------------------ incremental forms
     def _self_attention_step(
-        self, x: Tensor, padding_mask: Optional[Tensor], incremental_state: IncrementalState
+        self, form: str, x: Tensor, padding_mask: Optional[Tensor],
+        incremental_state: IncrementalState,
     ) -> Tensor:
         """Advance the causal recurrent state by ``T >= 1`` new tokens; no key/value cache.
-        Unit-causal: the tokens are whole units, each read after its own keys are added."""
+        ``step``: one unpadded token, its q, k and v from one fused projection. ``step units``:
+        the tokens are whole units, each read after its own keys are added."""
         buffer = self._get_input_buffer(incremental_state)
         state, position = self._load_state(buffer, x.size(1), "position", x)
         positions = self._positions(padding_mask, x.size(0), x.size(1), x.device, position)
-        q = self._features(self._split_heads(self.q_proj(x) * self.scaling), "q", positions)
-        k = self._features(self._split_heads(self.k_proj(x)), "k", positions)
+        if form == "step":
+            bsz, heads, dim = x.size(1), self.num_heads, self.head_dim
+            qkv = F.linear(x, *self._qkv_projection()).view(bsz, 3, heads, dim)
+            u = qkv.narrow(1, 0, 2).transpose(0, 1).reshape(2, bsz * heads, 1, dim)
+            q, k = self._features(u, "qk", positions).unbind(0)
+            v = qkv.select(1, 2).reshape(bsz * heads, dim)
+            if self._dropout_active():
+                v = self.dropout_module(v)
+            state, out = ops.recurrent_step(state, q.squeeze(1), k.squeeze(1), v, self.eps)
+            self._store_state(buffer, state, position + 1, "position")
+            self._set_input_buffer(incremental_state, buffer)
+            return out.unsqueeze(1)
+        q, k = self._self_features(self._split_heads(self.q_proj(x) * self.scaling),
+                                   self._split_heads(self.k_proj(x)), positions)
         v = self.dropout_module(self._split_heads(self.v_proj(x)))
         mask = self._per_head(padding_mask)
-        if self.unit_causal:
+        if form == "step units":
             if mask is not None or bool((position % self.frames_per_unit).any()):
                 raise ValueError("unit-causal steps take unpadded whole units, starting at a "
                                  "unit boundary")
@@ -343,9 +454,6 @@ class LeaPMultiheadAttention(MultiheadAttention):
                 state = ops.update_state(state, k[:, rows], v[:, rows])
                 outputs.append(ops.query_state(state, q[:, rows], self.eps))
             out = torch.cat(outputs, dim=1)
-        elif x.size(0) == 1 and mask is None:
-            state, out = ops.recurrent_step(state, q[:, 0], k[:, 0], v[:, 0], self.eps)
-            out = out.unsqueeze(1)
         else:
             out, state = ops.causal_linear_attention(
                 q, k, v, self.chunk_size, mask, self.eps, initial_state=state
@@ -506,44 +614,119 @@ class LeaPMultiheadAttention(MultiheadAttention):
                 f"{self.cosformer_max_positions} (p = i / M must stay in [0, 1))")
         return positions
 
+    def _dropout_active(self) -> bool:
+        """Whether ``dropout_module`` changes its input (the values) now."""
+        return self.dropout_module.p > 0 and (
+            self.training or self.dropout_module.apply_during_inference)
+
     def _hedgehog_features(self) -> bool:
         """Whether the features are Hedgehog's (``hedgehog``, or ``leap`` re-weighting them)."""
-        return self.attn_type == "hedgehog" or (
-            self.attn_type == "leap" and self.leap_feature_map == "hedgehog")
+        return self._hedgehog
+
+    def _feature_layers(self) -> Dict[str, Tuple[nn.Module, nn.Module]]:
+        """The learned layers of the feature map by role, each as (query side, key side):
+        ``hedgehog`` (Hedgehog's map), then the LeaP MLPs' ``norm`` (with ``leap_input_norm``),
+        ``hidden`` and ``out`` layers."""
+        layers: Dict[str, Tuple[nn.Module, nn.Module]] = {}
+        if self._hedgehog:
+            layers["hedgehog"] = (self.hedgehog_q, self.hedgehog_k)
+        if self.attn_type == "leap":
+            first = 1 if self.leap_input_norm else 0
+            if self.leap_input_norm:
+                layers["norm"] = (self.leap_q[0], self.leap_k[0])
+            layers["hidden"] = (self.leap_q[first], self.leap_k[first])
+            layers["out"] = (self.leap_q[first + 2], self.leap_k[first + 2])
+        return layers
 
     def _feature_map_modules(self) -> Tuple[nn.Module, ...]:
         """The learned parts of the feature map (query side, key side, ...), if any."""
-        modules: Tuple[nn.Module, ...] = ()
-        if self.attn_type == "leap":
-            modules += (self.leap_q, self.leap_k)
-        if self._hedgehog_features():
-            modules += (self.hedgehog_q, self.hedgehog_k)
-        return modules
+        return tuple(layer for pair in self._feature_layers().values() for layer in pair)
 
-    def _features(self, x: Tensor, side: str, positions: Optional[Tensor]) -> Tensor:
-        """``(B * H, L, d)`` projections -> features ``phi``: ``(B * H, L, F)``, ``F`` being
-        :meth:`_feature_dim`."""
-        if self._hedgehog_features():
-            layer = self.hedgehog_q if side == "q" else self.hedgehog_k
-            features = ops.softmax_features(layer(x))
+    def _derive(self, name: str, modules: Callable[[], Tuple[nn.Module, ...]],
+                build: Callable[[], Derived]) -> Derived:
+        """``build()``, a function of the parameters of ``modules()``. Without autograd
+        (inference) the result is kept and reused until one of them changes in place (its
+        version counter), is loaded (``_load_from_state_dict``), moved or cast (``_apply``), or
+        the module switches between train and eval (``train``)."""
+        if torch.is_grad_enabled():
+            return build()
+        kept = self._derived.get(name)
+        if kept is None:
+            sources = tuple(p for module in modules() for p in module.parameters())
         else:
-            features = ops.relu_features(x)
-        if self.attn_type in ("linear", "hedgehog"):
-            return features
+            sources = kept[0]
+        versions = tuple(parameter._version for parameter in sources)
+        if kept is None or kept[1] != versions:
+            kept = self._derived[name] = (sources, versions, build())
+        return kept[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._derived.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._derived.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._derived.clear()
+        return super().train(mode)
+
+    def _qkv_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """``q_proj`` (times fairseq's query scaling), ``k_proj`` and ``v_proj`` as one
+        ``(3C, C)`` weight and ``(3C,)`` bias (``None`` without biases)."""
+        def build() -> Tuple[Tensor, Optional[Tensor]]:
+            weight = torch.cat([self.q_proj.weight * self.scaling, self.k_proj.weight,
+                                self.v_proj.weight])
+            if self.q_proj.bias is None:
+                return weight, None
+            bias = torch.cat([self.q_proj.bias * self.scaling, self.k_proj.bias,
+                              self.v_proj.bias])
+            return weight, bias
+        return self._derive("qkv", lambda: (self.q_proj, self.k_proj, self.v_proj), build)
+
+    def _side_parameters(self, side: str) -> Dict[str, Tuple[Tensor, ...]]:
+        """Each feature-map layer's parameters (weight, bias) stacked over the sides of ``side``
+        (a key of ``SIDES``): ``(S, ...)``."""
+        def build() -> Dict[str, Tuple[Tensor, ...]]:
+            return {role: tuple(torch.stack([getattr(pair[i], name) for i in SIDES[side]])
+                                for name in ("weight", "bias"))
+                    for role, pair in self._feature_layers().items()}
+        return self._derive("features " + side, self._feature_map_modules, build)
+
+    def _features(self, u: Tensor, side: str, positions: Optional[Tensor]) -> Tensor:
+        """Projections -> features ``phi``, ``F`` wide (:meth:`_feature_dim`): ``(N, L, d) ->
+        (N, L, F)`` for ``side`` ``q`` or ``k``; ``(2, N, L, d) -> (2, N, L, F)`` for ``qk``
+        (queries then keys, in one pass)."""
+        stacked = u if side == "qk" else u.unsqueeze(0)
+        sides, n, length, dim = stacked.shape
+        parameters = self._side_parameters(side)
+        flat = stacked.reshape(sides, n * length, dim)
+        if self._hedgehog:
+            features = ops.softmax_features(ops.stacked_linear(flat, *parameters["hedgehog"]))
+        else:
+            features = ops.relu_features(flat)
+        features = features.view(sides, n, length, -1)
         if self.attn_type == "leap":  # the MLPs read relu(u) whichever features they re-weight
-            mlp = self.leap_q if side == "q" else self.leap_k
-            relu = ops.relu_features(x) if self._hedgehog_features() else features
-            proportion = mlp(relu).squeeze(-1)
-        else:
+            hidden = ops.relu_features(flat) if self._hedgehog else features.view(flat.shape)
+            if "norm" in parameters:
+                weight, bias = parameters["norm"]
+                hidden = torch.addcmul(bias.unsqueeze(1), weight.unsqueeze(1), F.layer_norm(
+                    hidden, (dim,), eps=self.leap_q[0].eps))
+            hidden = torch.relu(ops.stacked_linear(hidden, *parameters["hidden"]))
+            proportion = torch.sigmoid(ops.stacked_linear(hidden, *parameters["out"]))
+            features = ops.sincos_features(features, proportion.view(sides, n, length))
+        elif self.attn_type == "cosformer":
             proportion = self._per_head(
                 ops.cosformer_proportions(positions, self.cosformer_max_positions)
-            ).to(x.dtype)
-        return ops.sincos_features(features, proportion)
+            ).to(u.dtype)
+            features = ops.sincos_features(features, proportion.expand(sides, n, length))
+        return features if side == "qk" else features[0]
 
     def _feature_dim(self) -> int:
         """Width of ``phi``: d (linear), 2d (cosFormer, LeaP on ReLU, Hedgehog), 4d (LeaP on
         Hedgehog's features)."""
-        width = 2 * self.head_dim if self._hedgehog_features() else self.head_dim
+        width = 2 * self.head_dim if self._hedgehog else self.head_dim
         return width if self.attn_type in ("linear", "hedgehog") else 2 * width
 
     def _load_state(

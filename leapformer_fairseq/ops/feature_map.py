@@ -30,6 +30,17 @@ def sincos_features(features: Tensor, proportion: Tensor) -> Tensor:
     return torch.cat([torch.sin(angle) * features, torch.cos(angle) * features], dim=-1)
 
 
+def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """One linear layer per stack entry (the query and key sides of a feature map) in one op.
+
+    Args:
+        x: ``(S, M, d_in)``; weight: ``(S, d_out, d_in)``; bias: ``(S, d_out)``.
+    Returns:
+        ``(S, M, d_out)``: ``x[s] @ weight[s].T + bias[s]``.
+    """
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
 def softmax_features(x: Tensor) -> Tensor:
     """Hedgehog's features of mapped inputs: ``sqrt(2d) * softmax([x, -x])`` over the ``2d``
     entries, ``(..., L, d) -> (..., L, 2d)``. Positive everywhere; the factor ``sqrt(2d)`` makes

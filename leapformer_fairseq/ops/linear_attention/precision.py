@@ -41,6 +41,7 @@ def accumulating(*inputs: Tensor) -> Iterator[tuple[Tensor, ...]]:
     dtype = state_dtype(input_dtype(*inputs))
     device_type = inputs[0].device.type
     autocast_off = (torch.autocast(device_type, enabled=False)
-                    if torch.amp.is_autocast_available(device_type) else nullcontext())
+                    if torch.amp.is_autocast_available(device_type)
+                    and torch.is_autocast_enabled(device_type) else nullcontext())
     with autocast_off:
-        yield tuple(x.to(dtype) for x in inputs)
+        yield tuple(x if x.dtype == dtype else x.to(dtype) for x in inputs)

@@ -38,6 +38,18 @@ def empty_state(
     )
 
 
+def _add_keys(kv: Tensor, k_sum: Tensor, k: Tensor, v: Tensor) -> LinearAttentionState:
+    """``S + k^T v``, ``z + sum_t k``: ``(N, f, dv)``, ``(N, f)`` state, ``(N, t, f)`` keys,
+    ``(N, t, dv)`` values, all in the state's dtype."""
+    return LinearAttentionState(kv=torch.baddbmm(kv, k.transpose(1, 2), v),
+                                k_sum=k_sum + k.sum(dim=1))
+
+
+def _read(kv: Tensor, k_sum: Tensor, q: Tensor, eps: float) -> Tensor:
+    """``q S / max(q . z, eps)``: ``(N, t, f)`` queries -> ``(N, t, dv)``, in the state's dtype."""
+    return torch.bmm(q, kv) / torch.bmm(q, k_sum.unsqueeze(-1)).clamp_min(eps)
+
+
 def update_state(
     state: LinearAttentionState, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
 ) -> LinearAttentionState:
@@ -50,16 +62,14 @@ def update_state(
     with accumulating(*state, k, v) as (kv, k_sum, k, v):
         if key_padding_mask is not None:
             k = k.masked_fill(key_padding_mask[..., None], 0.0)
-        return LinearAttentionState(kv=kv + torch.einsum("ntf,ntd->nfd", k, v),
-                                    k_sum=k_sum + k.sum(dim=1))
+        return _add_keys(kv, k_sum, k, v)
 
 
 def query_state(state: LinearAttentionState, q: Tensor, eps: float = 0.1) -> Tensor:
     """Read the state with ``t`` queries: ``(N, t, f) -> (N, t, dv)`` in ``q``'s dtype."""
     dtype = q.dtype
     with accumulating(*state, q) as (kv, k_sum, q):
-        denominator = torch.einsum("ntf,nf->nt", q, k_sum).clamp_min(eps)
-        return (torch.bmm(q, kv) / denominator[..., None]).to(dtype)
+        return _read(kv, k_sum, q, eps).to(dtype)
 
 
 def recurrent_step(
@@ -71,7 +81,9 @@ def recurrent_step(
         state: sums over the previous keys.
         q, k: ``(N, f)`` features of the new token; v: ``(N, dv)``.
     Returns:
-        The new state and the output ``(N, dv)``.
+        The new state and the output ``(N, dv)`` in ``q``'s dtype.
     """
-    state = update_state(state, k.unsqueeze(1), v.unsqueeze(1))
-    return state, query_state(state, q.unsqueeze(1), eps).squeeze(1)
+    dtype = q.dtype
+    with accumulating(*state, q, k, v) as (kv, k_sum, q, k, v):
+        state = _add_keys(kv, k_sum, k.unsqueeze(1), v.unsqueeze(1))
+        return state, _read(*state, q.unsqueeze(1), eps).squeeze(1).to(dtype)
