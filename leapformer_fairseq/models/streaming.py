@@ -89,6 +89,9 @@ class _WaitkDecoding:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.target: List[int] = []
+        # [EOS] + target, in a buffer that grows by doubling: no per-token rebuild
+        self.prev_tokens = torch.full((1, 64), self.target_eos, dtype=torch.long,
+                                      device=self.device)
         self.source_finished = False
         self.encoder_state: Dict = {}
         self.decoder_state: Dict = {}
@@ -133,13 +136,13 @@ class _WaitkDecoding:
                                f"units, {self._source_units()} read: read more first")
         if self.source_finished and self._source_units() == 0:
             # a source too short for one encoder state translates to nothing
-            self.target.append(self.target_eos)
+            self._append_target(self.target_eos)
             return self.target_eos
         if self.max_target_positions is not None and \
                 len(self.target) >= self.max_target_positions:
             raise ValueError(f"target position {len(self.target)} is past --max-target-positions "
                              f"{self.max_target_positions} (learned positional embeddings)")
-        prev_tokens = torch.tensor([[self.target_eos] + self.target], device=self.device)
+        prev_tokens = self.prev_tokens[:, :len(self.target) + 1]
         if self.recompute:
             encoder_out = self._recompute_encoder_out()
             with self.model.decoder.lagging(self.waitk):
@@ -156,8 +159,16 @@ class _WaitkDecoding:
             self.max_len_a * self._source_units() + self.max_len_b
         ):
             token = self.target_eos
-        self.target.append(token)
+        self._append_target(token)
         return token
+
+    def _append_target(self, token: int) -> None:
+        """Append ``token`` to ``target`` and to the ``prev_tokens`` buffer."""
+        self.target.append(token)
+        if len(self.target) >= self.prev_tokens.size(1):
+            self.prev_tokens = torch.cat([self.prev_tokens, torch.full_like(self.prev_tokens,
+                                                                            self.target_eos)], 1)
+        self.prev_tokens[0, len(self.target)] = token
 
     def _incremental_logits(self, prev_tokens: Tensor) -> Tensor:
         # the training schedule: min((i + k) * frames_per_unit, encoded), also after the
