@@ -1,14 +1,17 @@
 """Attention speed and memory: fairseq softmax, torch SDPA, linear, cosFormer, LeaP, and LeaP over
 Hedgehog's features.
 
-Forward+backward time and peak memory against sequence length, causal and bidirectional, and
+Forward+backward time and peak memory against sequence length, causal and bidirectional;
 per-token decode time against position (softmax with a key/value cache vs LeaP's recurrent
-state). Every measurement runs in its own child process, so peak memory is that of one
-configuration and an out-of-memory softmax is recorded instead of ending the run.
+state); and the cut-over sweep of causal LeaP's short form (one masked L x L chunk) against its
+blockwise form at sentence lengths, which sets ``SHORT_FORM_MAX_LENGTH``. Every measurement runs
+in its own child process, so peak memory is that of one configuration and an out-of-memory
+softmax is recorded instead of ending the run.
 
     python benchmarks/attention.py                      # CPU, full sweep (make benchmark)
     python benchmarks/attention.py --device cuda        # GPU, when one is available
     python benchmarks/attention.py --lengths 256,1024 --decode-positions 1,64 --repeats 2
+    python benchmarks/attention.py --sections cutover   # only the cut-over sweep
 
 Writes ``attention_<device>.{json,md,png}`` under ``--out`` (default benchmarks/results).
 """
@@ -31,6 +34,7 @@ from fairseq.modules import MultiheadAttention
 from torch import nn
 
 from leapformer_fairseq.modules import LeaPMultiheadAttention
+from leapformer_fairseq.modules.leap_multihead_attention import SHORT_FORM_MAX_LENGTH
 from leapformer_fairseq.profiling import peak_rss_increase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +43,9 @@ METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosf
            "leap_hedgehog")
 DECODE_METHODS = ("fairseq_softmax", "leap", "leap_hedgehog")
 BASELINE = "fairseq_softmax"
+SECTIONS = ("train", "decode", "cutover")
+# the forms the cut-over sweep compares, as the module's short_form_max_length (None: per task)
+CUTOVER_FORMS = {"causal short": None, "causal blockwise": 0}
 LABELS = {
     "fairseq_softmax": "fairseq softmax (need_weights=False)",
     "fairseq_softmax_weights": "fairseq softmax (need_weights=True)",
@@ -69,8 +76,10 @@ class SDPAAttention(nn.Module):
         return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, bsz, embed_dim))
 
 
-def build_step(method: str, causal: bool, args, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A closure running one forward pass of ``method`` on ``x`` (T x B x C)."""
+def build_step(method: str, causal: bool, args, x: torch.Tensor,
+               short_form_max_length: Optional[int] = None) -> Callable[[], torch.Tensor]:
+    """A closure running one forward pass of ``method`` on ``x`` (T x B x C); LeaP's causal
+    short form up to ``short_form_max_length`` rows (``None``: the module's default)."""
     if method == "sdpa":
         module = SDPAAttention(args.embed_dim, args.heads, causal).to(x.device)
         return lambda: module(x)
@@ -85,7 +94,10 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor) -> Callable[[],
         return lambda: module(x, x, x, attn_mask=mask, need_weights=need_weights)[0]
     module = LeaPMultiheadAttention(
         args.embed_dim, args.heads, self_attention=True, causal=causal,
-        chunk_size=args.chunk_size, block_size=args.block_size, **attention_options(method),
+        chunk_size=args.chunk_size, block_size=args.block_size,
+        short_form_max_length=short_form_max_length,
+        cosformer_max_positions=max(1024, x.size(0)),  # cosFormer's M covers every position
+        **attention_options(method),
     ).to(x.device)
     return lambda: module(x, x, x, need_weights=False)[0]
 
@@ -102,17 +114,25 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_train(method: str, causal: bool, length: int, args) -> Dict:
-    """Forward+backward: median time over ``repeats`` and peak memory of one pass."""
+def forward_backward_pass(method: str, causal: bool, args, x: torch.Tensor,
+                          short_form_max_length: Optional[int] = None) -> Callable[[], None]:
+    """A closure running one forward+backward pass of ``method`` on ``x``."""
     torch.manual_seed(0)
-    x = torch.randn(length, args.batch, args.embed_dim, device=args.device, requires_grad=True)
-    forward = build_step(method, causal, args, x)
+    forward = build_step(method, causal, args, x, short_form_max_length)
 
     def forward_backward():
         forward().sum().backward()
         x.grad = None
         synchronize(args.device)
 
+    return forward_backward
+
+
+def measure_train(method: str, causal: bool, length: int, args) -> Dict:
+    """Forward+backward: median time over ``repeats`` and peak memory of one pass."""
+    torch.manual_seed(0)
+    x = torch.randn(length, args.batch, args.embed_dim, device=args.device, requires_grad=True)
+    forward_backward = forward_backward_pass(method, causal, args, x)
     forward_backward()  # warm-up
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -127,6 +147,26 @@ def measure_train(method: str, causal: bool, length: int, args) -> Dict:
         forward_backward()
         times.append(time.perf_counter() - start)
     return {"time_s": statistics.median(times), "peak_bytes": peak}
+
+
+def measure_cutover(length: int, batch: int, args) -> Dict:
+    """Causal LeaP forward+backward in each form of ``CUTOVER_FORMS`` on the same batch, the
+    forms alternating pass by pass; the minimum over ``cutover_rounds`` passes of each (the
+    forms coincide up to the chunk size, which shows the noise left)."""
+    torch.manual_seed(0)
+    x = torch.randn(length, batch, args.embed_dim, device=args.device, requires_grad=True)
+    passes = {form: forward_backward_pass("leap", True, args, x,
+                                          length if short is None else short)
+              for form, short in CUTOVER_FORMS.items()}
+    times: Dict[str, List[float]] = {form: [] for form in passes}
+    for run in passes.values():  # warm-up
+        run()
+    for _ in range(args.cutover_rounds):
+        for form, run in passes.items():
+            start = time.perf_counter()
+            run()
+            times[form].append(time.perf_counter() - start)
+    return {"time_s": {form: min(samples) for form, samples in times.items()}}
 
 
 def measure_decode(method: str, positions: List[int], args) -> List[Dict]:
@@ -192,6 +232,8 @@ def child_main(task: Dict, args) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if task["kind"] == "train":
         result = measure_train(task["method"], task["causal"], task["length"], args)
+    elif task["kind"] == "cutover":
+        result = measure_cutover(task["length"], task["batch"], args)
     else:
         result = {"rows": measure_decode(task["method"], task["positions"], args)}
     print(json.dumps(result))
@@ -232,8 +274,25 @@ def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[
     return None if not numerator or not denominator else numerator / denominator
 
 
-def summarise(train: List[Dict], decode: List[Dict], lengths: List[int]) -> Dict:
-    """LeaP's ratios against the baselines at every length both finished, and decode ratios."""
+def cutover_length(cutover: List[Dict], chunk_size: int) -> Dict:
+    """The noise (the largest relative difference between the two forms at lengths up to
+    ``chunk_size``, where they are the same computation) and the cut-over: the largest length at
+    and below which the short form was never slower than blockwise by more than the noise."""
+    ratios = {row["length"]: row["time_s"]["causal short"] / row["time_s"]["causal blockwise"]
+              for row in cutover if row.get("time_s")}
+    noise = max((abs(r - 1) for n, r in ratios.items() if n <= chunk_size), default=0.0)
+    best = 0
+    for length in sorted(ratios):
+        if ratios[length] > 1 + noise:
+            break
+        best = length
+    return {"length": best, "noise": noise}
+
+
+def summarise(train: List[Dict], decode: List[Dict], lengths: List[int],
+              cutover: List[Dict], chunk_size: int) -> Dict:
+    """LeaP's ratios against the baselines at every length both finished, decode ratios, and the
+    short form's cut-over."""
     def lookup(method, causal, length, key):
         for row in train:
             if (row["method"], row["causal"], row["length"]) == (method, causal, length):
@@ -275,6 +334,14 @@ def summarise(train: List[Dict], decode: List[Dict], lengths: List[int]) -> Dict
         if 64 in leap_steps and 4096 in leap_steps:
             summary["decode"]["leap_step_time_ratio_4096_vs_64"] = ratio(leap_steps[4096],
                                                                          leap_steps[64])
+        softmax_steps = {row["position"]: row["step_time_s"] for row in decode
+                         if row["method"] == BASELINE and "step_time_s" in row}
+        summary["decode"]["leap_slowest_vs_fastest"] = ratio(max(leap_steps.values()),
+                                                             min(leap_steps.values()))
+        summary["decode"]["leap_vs_softmax"] = {
+            str(p): ratio(leap_steps[p], softmax_steps.get(p)) for p in leap_steps}
+    if cutover:
+        summary["cutover"] = cutover_length(cutover, chunk_size)
     return summary
 
 
@@ -351,8 +418,46 @@ def markdown(report: Dict) -> str:
         lines += ["", "LeaP decode step time relative to the first position: "
                   + ", ".join(f"{k.split('_')[0]}: {v:.2f}x"
                               for k, v in decode["leap_step_time_ratio"].items())]
+        if "leap_vs_softmax" in decode:
+            lines += ["", f"LeaP's slowest over fastest step: "
+                      f"{decode['leap_slowest_vs_fastest']:.2f}; LeaP's step over softmax's: "
+                      + ", ".join(f"{p}: {'-' if v is None else f'{v:.2f}x'}"
+                                  for p, v in decode["leap_vs_softmax"].items())]
+    if report.get("cutover"):
+        lines += cutover_markdown(report)
     lines.append("")
     return "\n".join(lines)
+
+
+def cutover_markdown(report: Dict) -> List[str]:
+    """The cut-over table: causal LeaP forward+backward, short form against blockwise."""
+    config = report["config"]
+    lines = ["", "## Cut-over: causal LeaP, short form against blockwise", "",
+             f"Command: `{report['commands']['cutover']}`", "",
+             f"Forward+backward of one causal LeaP self-attention, batch = "
+             f"{config['cutover_tokens']} // length sentences (a batch of max-tokens "
+             f"{config['cutover_tokens']}); both forms in one process on the same batch, "
+             f"alternating, the minimum of {config['cutover_rounds']} passes each; short: one "
+             f"masked L x L chunk; blockwise: chunk {config['chunk_size']}, block "
+             f"{config['block_size']}. Up to the chunk size the two forms are the same "
+             "computation, so their ratio there shows the noise left.", "",
+             "| length | batch | short (ms) | blockwise (ms) | short / blockwise |",
+             "|---|---|---|---|---|"]
+    for row in report["cutover"]:
+        times = row.get("time_s") or {}
+        if not times:
+            lines.append(f"| {row['length']} | {row['batch']} | {row['error']} | | |")
+            continue
+        short, blockwise = times["causal short"], times["causal blockwise"]
+        lines.append(f"| {row['length']} | {row['batch']} | {fmt_time(short)} | "
+                     f"{fmt_time(blockwise)} | {short / blockwise:.2f} |")
+    chosen = SHORT_FORM_MAX_LENGTH.get(report["device"])
+    cutover = report["summary"]["cutover"]
+    lines += ["", f"Noise (the largest difference up to the chunk size): "
+              f"{100 * cutover['noise']:.1f}%. The short form is never slower by more than that "
+              f"up to length {cutover['length']}; `SHORT_FORM_MAX_LENGTH` of the module for "
+              f"{report['device']}: {'not set' if chosen is None else chosen}."]
+    return lines
 
 
 def plot(report: Dict, path: Path) -> None:
@@ -361,7 +466,8 @@ def plot(report: Dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 5, figsize=(26, 5))
+    cutover = report.get("cutover") or []
+    fig, axes = plt.subplots(1, 6 if cutover else 5, figsize=(31 if cutover else 26, 5))
     panels = [(True, "time_s", 1e3, "causal fwd+bwd (ms)"),
               (False, "time_s", 1e3, "bidirectional fwd+bwd (ms)"),
               (True, "peak_bytes", 2**-20, "causal peak memory (MiB)"),
@@ -378,8 +484,16 @@ def plot(report: Dict, path: Path) -> None:
         rows = [r for r in report["decode"] if r["method"] == method and "step_time_s" in r]
         axes[4].plot([r["position"] for r in rows], [r["step_time_s"] * 1e3 for r in rows],
                      marker="o", label=LABELS[method])
-    axes[4].set(xscale="log", xlabel="position", title="decode step (ms)")
+    axes[4].set(xscale="log", yscale="log", xlabel="position", title="decode step (ms)")
     axes[4].legend(fontsize=8)
+    if cutover:
+        rows = [r for r in cutover if r.get("time_s")]
+        for form in CUTOVER_FORMS:
+            axes[5].plot([r["length"] for r in rows], [r["time_s"][form] * 1e3 for r in rows],
+                         marker="o", label=f"LeaP {form}")
+        axes[5].set(xlabel="sentence length (batch = tokens / length)",
+                    title="causal LeaP fwd+bwd per batch (ms)")
+        axes[5].legend(fontsize=8)
     hardware = report["machine"].get("gpu") or report["machine"]["cpu"]
     fig.suptitle(f"Attention benchmark on {report['device']}: {hardware}")
     fig.tight_layout()
@@ -407,13 +521,20 @@ def parse_args(argv=None):
                         help="rounds of decode steps; the minimum of their medians is kept")
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="torch threads while timing single-token decode steps")
+    parser.add_argument("--cutover-lengths", default="16,32,48,64,96,128,192,256,384,512",
+                        help="sentence lengths of the cut-over sweep")
+    parser.add_argument("--cutover-tokens", type=int, default=4096,
+                        help="tokens per batch in the cut-over sweep (batch = tokens // length)")
+    parser.add_argument("--cutover-rounds", type=int, default=9,
+                        help="alternating passes of both forms per length; the minimum is kept")
     parser.add_argument("--memory-limit-gb", type=float, default=18.0,
                         help="address-space limit of each CPU child (0: none)")
     parser.add_argument("--child-timeout", type=int, default=900)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--sections", default="train,decode",
-                        help="what to measure; a section left out keeps its rows (and their "
-                             "command) from the existing report in --out")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="what to measure, of " + ",".join(SECTIONS) + "; a section left "
+                             "out keeps its rows (and their command) from the existing report "
+                             "in --out")
     parser.add_argument("--render", metavar="JSON",
                         help="re-write the summary, Markdown and PNG of a saved run; measure "
                              "nothing")
@@ -442,8 +563,8 @@ def main() -> None:
     lengths = [int(n) for n in args.lengths.split(",")]
     positions = [int(p) for p in args.decode_positions.split(",")]
     sections = set(args.sections.split(","))
-    if not sections or not sections <= {"train", "decode"}:
-        raise SystemExit(f"--sections: choose from train,decode, got {args.sections!r}")
+    if not sections or not sections <= set(SECTIONS):
+        raise SystemExit(f"--sections: choose from {','.join(SECTIONS)}, got {args.sections!r}")
     methods = [m for m in METHODS if m in args.methods.split(",")]
     json_path = Path(args.out) / f"attention_{args.device}.json"
     command = " ".join(["python", "benchmarks/attention.py", *args.passthrough])
@@ -455,16 +576,19 @@ def main() -> None:
                    "chunk_size": args.chunk_size, "block_size": args.block_size},
         "train": [],
         "decode": [],
+        "cutover": [],
     }
-    if sections != {"train", "decode"}:
+    if sections != set(SECTIONS):
         if not json_path.is_file():
             raise SystemExit(f"--sections {args.sections}: no earlier report {json_path} to "
-                             "take the other section from")
+                             "take the other sections from")
         previous = json.loads(json_path.read_text())
-        report.update({key: previous[key] for key in ("train", "decode", "commands")})
+        report.update({key: previous[key] for key in ("train", "decode", "cutover", "commands")
+                       if key in previous})
         report["config"].update({key: previous["config"][key] for key in (
             "lengths", "methods", "repeats", "decode_positions", "decode_steps",
-            "decode_rounds", "decode_threads") if key in previous["config"]})
+            "decode_rounds", "decode_threads", "cutover_lengths", "cutover_tokens",
+            "cutover_rounds") if key in previous["config"]})
     if "train" in sections:
         report["commands"]["train"] = command
         report["config"].update({"lengths": lengths, "methods": methods,
@@ -477,7 +601,30 @@ def main() -> None:
                                  "decode_rounds": args.decode_rounds,
                                  "decode_threads": args.decode_threads})
         report["decode"] = measure_decode_section(positions, args)
+    if "cutover" in sections:
+        report["commands"]["cutover"] = command
+        cutover_lengths = [int(n) for n in args.cutover_lengths.split(",")]
+        report["config"].update({"cutover_lengths": cutover_lengths,
+                                 "cutover_tokens": args.cutover_tokens,
+                                 "cutover_rounds": args.cutover_rounds})
+        report["cutover"] = measure_cutover_section(cutover_lengths, args)
     write_report(report, json_path)
+
+
+def measure_cutover_section(lengths: List[int], args) -> List[Dict]:
+    """Causal LeaP forward+backward in each form of ``CUTOVER_FORMS`` at each length, with a
+    batch of ``--cutover-tokens`` tokens."""
+    cutover = []
+    for length in lengths:
+        task = {"kind": "cutover", "length": length,
+                "batch": max(1, args.cutover_tokens // length)}
+        result = run_child(task, args)
+        cutover.append({**task, **result})
+        times = result.get("time_s") or {}
+        print(f"[cutover] n={length:5d} batch {task['batch']:4d} "
+              + "  ".join(f"{form} {fmt_time(t)} ms" for form, t in times.items())
+              + f" {result.get('error', '')}", flush=True)
+    return cutover
 
 
 def measure_train_section(methods: List[str], lengths: List[int], args) -> List[Dict]:
@@ -512,7 +659,8 @@ def measure_decode_section(positions: List[int], args) -> List[Dict]:
 
 def write_report(report: Dict, json_path: Path) -> None:
     """Add the summary, then write JSON, Markdown and PNG side by side."""
-    report["summary"] = summarise(report["train"], report["decode"], report["config"]["lengths"])
+    report["summary"] = summarise(report["train"], report["decode"], report["config"]["lengths"],
+                                  report.get("cutover", []), report["config"]["chunk_size"])
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
