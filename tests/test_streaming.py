@@ -208,6 +208,23 @@ def test_decoder_stream_past_its_position_table_does_not_grow_it():
     assert stream.target == waitk_greedy_decode(model, source, max_len_b=30)
 
 
+def test_a_target_past_the_prefix_buffer_streams_like_offline():
+    """The stream keeps ``[EOS] + target`` in a buffer of 64 that doubles as the target grows:
+    a target of more than 128 tokens (two doublings) streams to offline wait-k greedy
+    decoding's tokens."""
+    model, dictionary = build_waitk_model("leap", waitk=1, max_target_positions=16)
+    with torch.no_grad():  # no EOS
+        model.decoder.output_projection.weight[dictionary.eos()] = -1e3
+    source = random_sentences(dictionary, count=1, seed=4)[0][:10]
+    stream = model.start_stream(max_len_b=140)
+    stream.push_source(source)
+    stream.finish_source()
+    while not stream.finished:
+        stream.predict()
+    assert len(stream.target) > 128
+    assert stream.target == waitk_greedy_decode(model, source, max_len_b=140)
+
+
 def test_learned_positions_stream_until_max_source_positions():
     model, _ = build_waitk_model("leap", encoder_learned_pos=True, max_source_positions=8)
     tokens = torch.randint(4, VOCAB + 4, (1, 8))

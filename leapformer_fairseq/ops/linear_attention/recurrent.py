@@ -84,6 +84,17 @@ def recurrent_step(
         The new state and the output ``(N, dv)`` in ``q``'s dtype.
     """
     dtype = q.dtype
-    with accumulating(*state, q, k, v) as (kv, k_sum, q, k, v):
-        state = _add_keys(kv, k_sum, k.unsqueeze(1), v.unsqueeze(1))
-        return state, _read(*state, q.unsqueeze(1), eps).squeeze(1).to(dtype)
+    if dtype == k.dtype == v.dtype == state.kv.dtype and \
+            not torch.is_autocast_enabled(q.device.type):  # nothing to cast (the decode loop)
+        kv, k_sum = state
+    else:
+        with accumulating(*state, q, k, v) as (kv, k_sum, q, k, v):
+            return _step(kv, k_sum, q, k, v, eps, dtype)
+    return _step(kv, k_sum, q, k, v, eps, dtype)
+
+
+def _step(kv: Tensor, k_sum: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float,
+          dtype: torch.dtype) -> tuple[LinearAttentionState, Tensor]:
+    """:func:`recurrent_step` on inputs in the state's dtype; the output in ``dtype``."""
+    state = _add_keys(kv, k_sum, k.unsqueeze(1), v.unsqueeze(1))
+    return state, _read(*state, q.unsqueeze(1), eps).squeeze(1).to(dtype)
