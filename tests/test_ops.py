@@ -212,9 +212,11 @@ def _features(attn_type, x, p):
 
 
 @pytest.mark.parametrize("attn_type", LINEAR_TYPES)
-@pytest.mark.parametrize("form", ["bidirectional", "causal", "prefix"])
+@pytest.mark.parametrize("form", ["bidirectional", "causal", "prefix", "causal with sums",
+                                  "prefix with sums"])
 def test_gradcheck_parallel_forms(attn_type, form):
-    lq, lk = (7, 7) if form != "prefix" else (6, 9)
+    """Every parallel form, and the backend wrappers with the PyTorch sums."""
+    lq, lk = (6, 9) if form.startswith("prefix") else (7, 7)
     q, k, v, p_q, p_k = _gradcheck_inputs(attn_type, lq, lk)
     padding = torch.zeros(2, lk, dtype=torch.bool)
     padding[1, -2:] = True
@@ -226,6 +228,12 @@ def test_gradcheck_parallel_forms(attn_type, form):
             return ops.bidirectional_linear_attention(phi_q, phi_k, v, padding)
         if form == "causal":
             return ops.causal_linear_attention(phi_q, phi_k, v, 3, padding)[0]
+        if form == "causal with sums":
+            return ops.causal_linear_attention_with(ops.torch_causal_sums, phi_q, phi_k, v,
+                                                    padding)[0]
+        if form == "prefix with sums":
+            return ops.prefix_linear_attention_with(ops.torch_causal_sums, phi_q, phi_k, v,
+                                                    limit, padding)
         return ops.prefix_linear_attention(phi_q, phi_k, v, limit, padding)
 
     assert torch.autograd.gradcheck(attention, (q, k, v, p_q, p_k))
