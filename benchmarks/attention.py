@@ -509,7 +509,8 @@ def parse_args(argv=None):
     parser.add_argument("--embed-dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=32,
+                        help="chunk of the causal chunked form (the module's default)")
     parser.add_argument("--block-size", type=int, default=256,
                         help="rows per recomputed block of causal linear attention")
     parser.add_argument("--methods", default=",".join(METHODS),

@@ -127,7 +127,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         frames_per_unit: int = 1,
         waitk_lagging: Optional[int] = None,
         unit_causal: bool = False,
-        chunk_size: int = 64,
+        chunk_size: int = 32,
         block_size: int = 256,
         short_form_max_length: Optional[int] = None,
         **fairseq_kwargs,
