@@ -44,7 +44,8 @@ METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosf
 DECODE_METHODS = ("fairseq_softmax", "leap", "leap_hedgehog")
 BASELINE = "fairseq_softmax"
 SECTIONS = ("train", "decode", "cutover")
-# the forms the cut-over sweep compares, as the module's short_form_max_length (None: per task)
+# the forms the cut-over sweep compares, as the module's short_form_max_length (None: the
+# length measured, so the short form runs)
 CUTOVER_FORMS = {"causal short": None, "causal blockwise": 0}
 LABELS = {
     "fairseq_softmax": "fairseq softmax (need_weights=False)",
