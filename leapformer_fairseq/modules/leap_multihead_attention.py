@@ -3,8 +3,8 @@
 The module subclasses fairseq's attention, so parameter names (``q_proj``, ``k_proj``, ``v_proj``,
 ``out_proj``), the call signature and ``incremental_state`` handling are fairseq's. ``softmax``
 delegates to fairseq unchanged; the three linear types (``leap``, ``cosformer``, ``linear``) run
-the forms in :mod:`leapformer_fairseq.ops`, which keep no ``L x L`` matrix past
-``short_form_max_length`` rows; so does ``hedgehog``, a learned softmax feature map (docs/math.md
+the forms in :mod:`leapformer_fairseq.ops` (causal self-attention builds no ``L x L`` matrix past
+``short_form_max_length`` rows); so does ``hedgehog``, a learned softmax feature map (docs/math.md
 §1) kept beside LeaP for comparison. LeaP re-weights ReLU features by default, or Hedgehog's
 features (``leap_feature_map``). Which form runs for which call is chosen in one place,
 :meth:`LeaPMultiheadAttention.select_form`, from the table ``FORMS``.

@@ -86,11 +86,9 @@ def recurrent_step(
     dtype = q.dtype
     if dtype == k.dtype == v.dtype == state.kv.dtype and \
             not torch.is_autocast_enabled(q.device.type):  # nothing to cast (the decode loop)
-        kv, k_sum = state
-    else:
-        with accumulating(*state, q, k, v) as (kv, k_sum, q, k, v):
-            return _step(kv, k_sum, q, k, v, eps, dtype)
-    return _step(kv, k_sum, q, k, v, eps, dtype)
+        return _step(*state, q, k, v, eps, dtype)
+    with accumulating(*state, q, k, v) as (kv, k_sum, q, k, v):
+        return _step(kv, k_sum, q, k, v, eps, dtype)
 
 
 def _step(kv: Tensor, k_sum: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float,
