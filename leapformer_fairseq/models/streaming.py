@@ -96,6 +96,8 @@ class _WaitkDecoding:
         self.encoder_state: Dict = {}
         self.decoder_state: Dict = {}
         self.pending: Optional[Tensor] = None
+        # the encoder_out of incremental decoder calls (built once): carries only the width
+        self.width_only: Optional[Dict] = None
         self.encoded = 0
         self.visible = 0
         # work counters, for tests and benchmarks: positions run through encoder / decoder
@@ -180,8 +182,11 @@ class _WaitkDecoding:
             self.pending = self.pending[reveal:]
             self.visible = limit
         # the cross-attention reads its extended state; encoder_out only carries the width
-        encoder_out = {"encoder_out": [self.pending.new_zeros(1, 1, self.pending.size(-1))],
-                       "encoder_padding_mask": []}
+        if self.width_only is None:
+            width = self.pending.size(-1)
+            self.width_only = {"encoder_out": [self.pending.new_zeros(1, 1, width)],
+                               "encoder_padding_mask": []}
+        encoder_out = self.width_only
         logits, _ = self.model.decoder(prev_tokens, encoder_out=encoder_out,
                                        incremental_state=self.decoder_state)
         self.decoder_positions_computed += 1
