@@ -252,9 +252,8 @@ def synthesise_pool(args) -> Tuple[List[np.ndarray], List[str]]:
     """``--pool`` sentences, each with a seeded voice and speed, as int16 arrays at 16 kHz."""
     from leapformer_fairseq.recipes import tts
 
-    voices = ["en-us", "en-gb", "en-us+f3", "en-gb+m3"]  # scripts/make_tts_corpus.py's defaults
-    speeds = [140, 165, 190]
-    tts.check_voices(voices)
+    voices, speeds = tts.VOICES, tts.SPEEDS  # scripts/make_tts_corpus.py's defaults
+    tts.check_voices(voices, "make_tts_corpus.py's default --voices")
     rng = random.Random(f"{args.seed}/pool")
     texts = rng.sample(english_sentences(ROOT / "data" / "gettext-mt" / "en-de.{split}.tsv"),
                        args.pool)

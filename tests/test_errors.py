@@ -13,7 +13,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -201,6 +201,10 @@ def test_tts_corpus_refuses_empty_fields_and_non_utf8(tmp_path):
     assert refusal(common.read_tsv_pairs, *arguments) == f"[tts] {tsv}:3: empty source field (en)"
     tsv.write_bytes(b"domain\ten\tde\nkde\tOpen\t\xd6ffnen\n")
     assert refusal(common.read_tsv_pairs, *arguments).startswith(f"[tts] {tsv}:2: not UTF-8")
+    for bad in (str(tmp_path / "c.{split.tsv}"), str(tmp_path / "c.{}.tsv")):
+        assert refusal(common.read_tsv_pairs, bad, *arguments[1:]) == \
+            f"[tts] read: --corpus {bad!r} is not a path pattern with {{split}} (and no other " \
+            "braces)"
 
 
 def tts_corpus(root: Path) -> str:
@@ -222,6 +226,12 @@ def test_tts_corpus_refuses_unknown_voices_and_an_out_it_did_not_write(tmp_path)
     assert "\n" not in message
     assert refusal(run_script, MAKE_TTS, [*options, "--voices", "en-us+nosuchvariant"]) == \
         "[tts] --voices: espeak-ng has no variant 'nosuchvariant' (see espeak-ng --voices=variant)"
+    assert refusal(run_script, MAKE_TTS, [*options, "--voices", "en-us,en-gb",
+                                          "--heldout-voices", "en-us-nyc,en-gb"]) == (
+        "[tts] --heldout-voices: en-gb is in --voices too; a held-out voice is one the training "
+        "never hears")
+    assert refusal(run_script, MAKE_TTS, [*options, "--heldout-voices", "xx"]).startswith(
+        "[tts] --heldout-voices: espeak-ng does not know voice 'xx'")
     train = out / "en-de" / "data" / "train"
     train.mkdir(parents=True)
     (train / "notes.txt").write_text("mine\n")
@@ -380,17 +390,20 @@ def noise(seconds: float, seed: int) -> np.ndarray:
     return (values / 32768.0).astype(np.float32)
 
 
-def mustc_tree(root: Path) -> Path:
-    """A MuST-C layout (train, dev; one talk of 3 noise segments each) under ``root``."""
-    for split, corpus_split in (("train", "train"), ("dev", "valid")):
+def mustc_tree(root: Path, splits: Sequence[Tuple[str, str]] = (("train", "train"),
+                                                                ("dev", "valid")),
+               segments: int = 3) -> Path:
+    """A MuST-C layout under ``root``: per (MuST-C split, gettext-mt split) of ``splits``, one
+    talk of ``segments`` noise segments of 0.8 s, the gettext-mt pairs as their text."""
+    for split, corpus_split in splits:
         folder = root / "en-de" / "data" / split
         (folder / "wav").mkdir(parents=True)
         (folder / "txt").mkdir(parents=True)
-        write_wav(folder / "wav" / f"{split}.wav", noise(3.0, len(split)))
-        pairs = tsv_pairs(corpus_split, 3)
+        write_wav(folder / "wav" / f"{split}.wav", noise(float(segments), len(split)))
+        pairs = tsv_pairs(corpus_split, segments)
         (folder / "txt" / f"{split}.yaml").write_text("".join(
             f"- {{duration: 0.8, offset: {0.1 + i:.1f}, speaker_id: s, wav: {split}.wav}}\n"
-            for i in range(3)), encoding="utf-8")
+            for i in range(segments)), encoding="utf-8")
         for side, index in (("en", 0), ("de", 1)):
             (folder / "txt" / f"{split}.{side}").write_text(
                 "".join(pair[index] + "\n" for pair in pairs), encoding="utf-8")
@@ -638,6 +651,9 @@ def test_recipes_refuse_to_evaluate_without_the_checkpoint_or_prepared_files(tmp
         assert refusal(run_script, S2T_RECIPE, evaluate) == \
             f"[s2t] evaluate: missing {path}; run prepare first"
         path.write_text(json.dumps({"lang": "de"}) if number == 0 else "")
+    assert refusal(run_script, S2T_RECIPE, [*evaluate, "--test-set", "heldout"]) == \
+        f"[s2t] evaluate: missing {data / 'heldout.wav_list'}; run prepare first with " \
+        "--heldout-split"
 
 
 def test_a_failing_recipe_step_is_named_with_its_exit_code(tmp_path, capfd):

@@ -59,6 +59,20 @@ def test_scores_hold_plain_and_computation_aware_latency(demo):
     assert len(instances) == TEST_UTTERANCES
 
 
+def test_heldout_voices_are_scored_against_the_same_references(demo):
+    """prepare cut tst-HE (the test pairs in voices no training talk uses) beside tst-COMMON;
+    the demo evaluated the model on both."""
+    assert (demo / "heldout.de").read_text() == (demo / "eval.de").read_text()
+    heldout, heard = ((demo / f"{name}.wav_list").read_text().splitlines()
+                      for name in ("heldout", "eval"))
+    assert len(heldout) == len(heard) == TEST_UTTERANCES and not set(heldout) & set(heard)
+    run = demo / "heldout" / "leap_k2"
+    scores = read_scores_tsv(run / "scores_plain_ca.tsv")
+    assert scores["AL_CA"] > scores["AL"] > 0
+    instances = [json.loads(line) for line in (run / "instances.log").open()]
+    assert [instance["source"][0] for instance in instances] == heldout
+
+
 def test_asr_encoder_initialised_the_st_model(demo):
     asr = torch.load(demo / "runs" / "asr_leap_k2" / "checkpoint_last.pt", weights_only=False)
     st_args = torch.load(demo / "runs" / "st_leap_k2" / "checkpoint_last.pt",

@@ -5,6 +5,7 @@ process where a test reruns it) and fairseq's ``SpeechToTextTask`` on a tiny syn
 :func:`build_speech_corpus` (sizes as arguments) and the ``speech_corpus`` fixture are meant for
 other tests that need a small speech corpus.
 """
+import json
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import torchaudio.functional
 import yaml
 
 from leapformer_fairseq.audio import SAMPLE_RATE, fbank, num_frames, to_int16_scale
-from leapformer_fairseq.recipes import mustc
+from leapformer_fairseq.recipes import mustc, tts
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_TTS_CORPUS = ROOT / "scripts" / "make_tts_corpus.py"
@@ -69,7 +70,7 @@ def build_speech_corpus(root: Path, train: int = 12, valid: int = 4, test: int =
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     done = run_script(PREP_MUSTC, *prep_arguments(root / "mustc", root / "prep"))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    sizes = {"train": train, "dev": valid, "tst-COMMON": test}
+    sizes = {"train": train, "dev": valid, "tst-COMMON": test, tts.HELDOUT_SPLIT: test}
     return SpeechCorpus(root / "mustc", root / "prep", sizes, per_talk)
 
 
@@ -126,6 +127,27 @@ def test_text_lines_follow_the_corpus(speech_corpus):
         for side, index in (("en", 0), ("de", 1)):
             lines = speech_corpus.txt(split, side).read_text(encoding="utf-8").splitlines()
             assert lines == [pair[index].strip() for pair in pairs]
+
+
+def speaker_voices(corpus: SpeechCorpus, split: str) -> set:
+    """The espeak-ng voices of a split's segments (``speaker_id`` is ``<voice>_<speed>``)."""
+    return {speaker.rsplit("_", 1)[0] for *_, speaker in segments(corpus, split)}
+
+
+def test_heldout_split_is_the_test_pairs_in_voices_the_other_splits_never_use(speech_corpus):
+    settings = json.loads((speech_corpus.mustc / "en-de" / tts.MARKER).read_text())
+    heldout = speaker_voices(speech_corpus, tts.HELDOUT_SPLIT)
+    heard = set().union(*(speaker_voices(speech_corpus, split) for split in tts.SPLITS.values()))
+    assert heldout <= set(settings["heldout_voices"]) and heard <= set(settings["voices"])
+    assert heldout and not heldout & heard
+    for side in ("en", "de"):
+        assert speech_corpus.txt(tts.HELDOUT_SPLIT, side).read_text(encoding="utf-8") == \
+            speech_corpus.txt("tst-COMMON", side).read_text(encoding="utf-8")
+    for split, size in settings["size"].items():  # hours of audio: every talk wav's length
+        wavs = {wav for wav, *_ in segments(speech_corpus, split)}
+        frames = sum(soundfile.info(speech_corpus.wav(split, wav)).frames for wav in wavs)
+        assert size["hours"] == pytest.approx(frames / SAMPLE_RATE / 3600, abs=1e-3)
+        assert size["hours"] > 0
 
 
 def test_segments_lie_inside_their_talk_in_order(speech_corpus):

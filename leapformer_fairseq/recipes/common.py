@@ -85,7 +85,11 @@ def read_tsv_pairs(pattern: str, split: str, src: str, tgt: str, tag: str,
     """(source, target) pairs of a gettext-mt TSV (``pattern`` with ``{split}``), columns
     chosen by its header line; a missing file, a header without the columns, a wrong field
     count, an empty field or non-UTF-8 text stops the step naming the file (and line)."""
-    path = Path(pattern.format(split=split))
+    try:
+        path = Path(pattern.format(split=split))
+    except (AttributeError, IndexError, KeyError, ValueError):
+        raise SystemExit(f"[{tag}] {step}: --corpus {pattern!r} is not a path pattern with "
+                         "{split} (and no other braces)") from None
     if not path.is_file():
         raise SystemExit(f"[{tag}] {step}: missing {path} (--corpus with {{split}})")
     lines = read_lines(path, tag)

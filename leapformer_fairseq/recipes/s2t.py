@@ -51,6 +51,7 @@ from leapformer_fairseq.recipes.config import (
     train_run,
 )
 from leapformer_fairseq.recipes.mustc import load_talk, read_split
+from leapformer_fairseq.recipes.tts import HELDOUT_SPLIT
 from leapformer_fairseq.simuleval_scores import (
     plain_and_computation_aware_scores,
     write_scores_tsv,
@@ -60,6 +61,10 @@ AGENT = ROOT / "simuleval_agents" / "leap_waitk_speech_agent.py"
 TRAIN_SHORTCUTS = (*SHORTCUTS, FRAMES_PER_UNIT)
 DEMO_SHORTCUTS = (WAITK, FRAMES_PER_UNIT)
 LATENCY_METRICS = ("AL", "LAAL", "AP", "DAL", "ATD")
+TEST_SETS = {  # evaluation set -> what prepare cut into it; results go to OUT/<set>/
+    "eval": "prepare's --eval-split (default)",
+    "heldout": "prepare's --heldout-split",
+}
 TABLE_COLUMNS = ("BLEU", *[f"{m}{suffix}" for m in LATENCY_METRICS for suffix in ("", "_CA")])
 RECIPE = Recipe("s2t")
 log, run = RECIPE.log, RECIPE.run
@@ -74,22 +79,26 @@ def prepare(args) -> None:
          "--out", out, "--vocab-size-asr", args.vocab_size_asr, "--vocab-size-st",
          args.vocab_size_st, *(["--resample"] if args.resample else [])], "prepare: prep_mustc")
     cut_eval_segments(Path(args.data_root), args.lang, args.eval_split, out, args.resample,
-                      args.max_eval)
+                      args.max_eval, "eval")
+    if args.heldout_split:
+        cut_eval_segments(Path(args.data_root), args.lang, args.heldout_split, out,
+                          args.resample, args.max_eval, "heldout")
     write_text(out / "recipe.json", json.dumps({
         "lang": args.lang, "train": args.train_split, "valid": args.valid_split,
-        "eval": args.eval_split}) + "\n")
+        "eval": args.eval_split, "heldout": args.heldout_split}) + "\n")
     log(f"prepare: done -> {out}")
 
 
 def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resample: bool,
-                      limit: int) -> None:
-    """One 16 kHz wav per segment of ``split`` for SimulEval, with the source list
-    (``eval.wav_list``) and references (``eval.<lang>``) in the same order."""
+                      limit: int, test_set: str) -> None:
+    """One 16 kHz wav per segment of ``split`` for SimulEval (``<test_set>_wavs/``), with the
+    source list (``<test_set>.wav_list``) and references (``<test_set>.<lang>``) in the same
+    order; ``test_set`` is a key of ``TEST_SETS``."""
     root = data_root / f"en-{lang}"
     segments = read_split(root, split, lang)
     if limit:
         segments = segments[:limit]
-    folder = out / "eval_wavs"
+    folder = out / f"{test_set}_wavs"
     folder.mkdir(parents=True, exist_ok=True)
     talks: Dict[str, object] = {}
     paths: List[str] = []
@@ -103,8 +112,8 @@ def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resampl
         with atomic_output(path) as partial:
             soundfile.write(partial, samples, SAMPLE_RATE, subtype="PCM_16")
         paths.append(str(path.resolve()))
-    write_text(out / "eval.wav_list", "".join(p + "\n" for p in paths))
-    write_text(out / f"eval.{lang}", "".join(s["tgt"] + "\n" for s in segments))
+    write_text(out / f"{test_set}.wav_list", "".join(p + "\n" for p in paths))
+    write_text(out / f"{test_set}.{lang}", "".join(s["tgt"] + "\n" for s in segments))
     log(f"prepare: {len(paths)} {split} segments -> {folder}")
 
 
@@ -152,14 +161,17 @@ def train_command(args) -> None:
 
 # --------------------------------------------------------------------------- evaluate
 def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, segment_ms: int,
-              sentences: int, quiet: bool = False, extra: Sequence = ()) -> Dict[str, float]:
-    """SimulEval CLI with the speech agent and ``--computation-aware``; returns BLEU and each
-    latency metric plain and ``_CA`` (also written to ``output/scores_plain_ca.tsv``)."""
+              sentences: int, quiet: bool = False, extra: Sequence = (),
+              test_set: str = "eval") -> Dict[str, float]:
+    """SimulEval CLI with the speech agent and ``--computation-aware`` on ``test_set`` (a key
+    of ``TEST_SETS``); returns BLEU and each latency metric plain and ``_CA`` (also written to
+    ``output/scores_plain_ca.tsv``)."""
     recipe = read_recipe(data, "s2t", "evaluate")
-    source, target = data / "eval.wav_list", data / f"eval.{recipe['lang']}"
+    source, target = data / f"{test_set}.wav_list", data / f"{test_set}.{recipe['lang']}"
     for path in (source, target):
         if not path.is_file():
-            raise RECIPE.fail(f"evaluate: missing {path}; run prepare first")
+            raise RECIPE.fail(f"evaluate: missing {path}; run prepare first"
+                              + (" with --heldout-split" if test_set == "heldout" else ""))
     output.mkdir(parents=True, exist_ok=True)
     source, target = RECIPE.first_lines([source, target], output, sentences)
     (output / "instances.log").unlink(missing_ok=True)  # SimulEval appends to it
@@ -186,22 +198,24 @@ def evaluate(args) -> None:
 
     def evaluate_run(spec: Tuple[str, int, Path]) -> Dict:
         name, waitk, checkpoint = spec
-        scores = simuleval(data, checkpoint, data / "eval" / f"{name}_k{waitk}", waitk,
-                           args.segment_ms, args.sentences, quiet=args.jobs > 1)
-        log(f"evaluate: {name} wait-{waitk}: "
+        scores = simuleval(data, checkpoint, data / args.test_set / f"{name}_k{waitk}", waitk,
+                           args.segment_ms, args.sentences, quiet=args.jobs > 1,
+                           test_set=args.test_set)
+        log(f"evaluate: {args.test_set} {name} wait-{waitk}: "
             + "  ".join(f"{metric} {scores[metric]:.2f}" for metric in TABLE_COLUMNS))
         return {"attn_type": name, "waitk": waitk, **scores}
 
     rows = RECIPE.parallel(evaluate_run, runs, args.jobs)
-    RECIPE.write_results(rows, TABLE_COLUMNS, data / "eval", [("AL", "o-"), ("AL_CA", "s--")],
-                         "latency (ms)")
+    RECIPE.write_results(rows, TABLE_COLUMNS, data / args.test_set,
+                         [("AL", "o-"), ("AL_CA", "s--")], "latency (ms)")
 
 
 # ------------------------------------------------------------------------------- demo
 def demo(args) -> None:
     """Synthesise a slice of the built-in gettext-mt data, prepare it, train a tiny ASR and a
     tiny wait-k ST model (configs/s2t/demo_asr.yaml, demo_st.yaml: LeaP, CPU), evaluate with
-    SimulEval and print BLEU, AL and AL_CA."""
+    SimulEval on the test pairs in the training voices and in the held-out voices, and print
+    BLEU, AL and AL_CA of each."""
     out = Path(args.out)
     corpus = ROOT / "data" / "gettext-mt" / "en-de.{split}.tsv"
     run([sys.executable, ROOT / "scripts" / "make_tts_corpus.py", "--corpus", corpus,
@@ -209,8 +223,9 @@ def demo(args) -> None:
          "--max-valid", args.test_pairs, "--max-test", args.test_pairs], "demo: TTS")
     prepare(argparse.Namespace(
         data_root=str(out / "tts"), lang="de", out=str(out), train_split="train",
-        valid_split="dev", eval_split="tst-COMMON", vocab_size_asr=args.vocab_size,
-        vocab_size_st=args.vocab_size, resample=False, max_eval=0))
+        valid_split="dev", eval_split="tst-COMMON", heldout_split=HELDOUT_SPLIT,
+        vocab_size_asr=args.vocab_size, vocab_size_st=args.vocab_size, resample=False,
+        max_eval=0))
     runs = {}
     for task, updates in (("asr", args.asr_updates), ("st", args.st_updates)):
         try:
@@ -221,11 +236,15 @@ def demo(args) -> None:
             raise RECIPE.fail(f"demo: {error}") from None
         runs[task] = train(out, task, config)
     st = runs["st"]
-    scores = simuleval(out, st.directory / "checkpoint_last.pt",
-                       out / "eval" / f"{st.attn_type}_k{st.waitk}", st.waitk, args.segment_ms, 0)
+    lines = []
+    for test_set, voices in (("eval", "training voices"), ("heldout", "held-out voices")):
+        scores = simuleval(out, st.directory / "checkpoint_last.pt",
+                           out / test_set / f"{st.attn_type}_k{st.waitk}", st.waitk,
+                           args.segment_ms, 0, test_set=test_set)
+        lines.append(f"  {voices}: BLEU {scores['BLEU']:.2f}  AL {scores['AL']:.0f} ms  "
+                     f"AL_CA {scores['AL_CA']:.0f} ms")
     print(f"\nSpeech demo ({st.attn_type} wait-{st.waitk}, ASR {args.asr_updates} + ST "
-          f"{args.st_updates} updates, {args.test_pairs} test utterances): "
-          f"BLEU {scores['BLEU']:.2f}  AL {scores['AL']:.0f} ms  AL_CA {scores['AL_CA']:.0f} ms")
+          f"{args.st_updates} updates, {args.test_pairs} test utterances):\n" + "\n".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="train")
     p.add_argument("--valid-split", default="dev")
     p.add_argument("--eval-split", default="tst-COMMON")
-    p.add_argument("--max-eval", type=int, default=0, help="first N evaluation segments")
+    p.add_argument("--heldout-split", help="a second evaluation split (e.g. tst-HE, "
+                   "make_tts_corpus.py's held-out voices), for evaluate --test-set heldout")
+    p.add_argument("--max-eval", type=int, default=0,
+                   help="first N segments of each evaluation split")
     p.add_argument("--vocab-size-asr", type=int, default=5000)
     p.add_argument("--vocab-size-st", type=int, default=8000)
     p.add_argument("--resample", action="store_true",
@@ -266,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "each --waitk k, into eval/<attention>_k<SET>_k<k>")
     p.add_argument("--segment-ms", type=int, default=200,
                    help="SimulEval --source-segment-size: audio per agent call")
+    p.add_argument("--test-set", choices=TEST_SETS, default="eval",
+                   help="; ".join(f"{name}: {what}" for name, what in TEST_SETS.items()))
     p.add_argument("--sentences", type=int, default=0, help="first N segments (0: all)")
     p.add_argument("--checkpoint-name", default="checkpoint_last.pt")
     p.add_argument("--jobs", type=int, default=1, help="SimulEval runs in parallel")

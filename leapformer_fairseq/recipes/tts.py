@@ -7,7 +7,9 @@
 
 Writes ``OUT/<src>-<tgt>/data/<split>/wav/<talk>.wav`` and ``.../txt/<split>.{yaml,<src>,<tgt>}``
 for the MuST-C splits ``train``, ``dev`` and ``tst-COMMON`` (from the corpus' train, valid and
-test), so ``scripts/prep_mustc.py`` reads it like real MuST-C. Consecutive utterances are grouped
+test), so ``scripts/prep_mustc.py`` reads it like real MuST-C. ``tst-HE`` holds the test pairs
+again, spoken by ``--heldout-voices``, which no other split uses: whether a model learned speech
+or the training voices. Consecutive utterances are grouped
 into talks of ``--per-talk`` utterances: one 16 kHz mono int16 wav each, the utterances separated
 by seeded pauses, one voice and speed per talk (seeded). The yaml lists one segment per utterance
 (``duration``, ``offset`` in seconds, ``speaker_id``, ``wav``) in the order of the text lines.
@@ -34,6 +36,10 @@ from leapformer_fairseq.audio import SAMPLE_RATE, to_mono_16k
 from leapformer_fairseq.recipes.common import Recipe, atomic_output, read_tsv_pairs, write_text
 
 SPLITS = {"train": "train", "valid": "dev", "test": "tst-COMMON"}  # corpus -> MuST-C
+HELDOUT_SPLIT = "tst-HE"  # the test pairs in the held-out voices
+VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb+m3")  # espeak-ng voice[+variant], by default
+HELDOUT_VOICES = ("en-gb-x-rp+m5", "en-us-nyc+f4")  # other accents and variants
+SPEEDS = (140, 165, 190)  # words per minute
 MARKER = "tts_corpus.json"  # settings of the last run; its presence allows overwriting
 ESPEAK = "espeak-ng"
 
@@ -46,8 +52,8 @@ def espeak(arguments: Sequence[str], text: str) -> subprocess.CompletedProcess:
                           capture_output=True)
 
 
-def check_voices(voices: Sequence[str]) -> None:
-    """Stop unless espeak-ng is installed and knows every voice and ``+variant``."""
+def check_voices(voices: Sequence[str], flag: str) -> None:
+    """Stop unless espeak-ng is installed and knows every voice and ``+variant`` of ``flag``."""
     if shutil.which(ESPEAK) is None:
         raise SystemExit(f"[tts] {ESPEAK} not found on PATH; install it "
                          f"(apt-get install espeak-ng)")
@@ -57,11 +63,11 @@ def check_voices(voices: Sequence[str]) -> None:
     for voice in voices:
         base, _, variant = voice.partition("+")
         if variant and variant.lower() not in variants:
-            raise SystemExit(f"[tts] --voices: espeak-ng has no variant '{variant}' "
+            raise SystemExit(f"[tts] {flag}: espeak-ng has no variant '{variant}' "
                              f"(see espeak-ng --voices=variant)")
         done = espeak(["-v", base, "--stdout"], "test")
         if done.returncode != 0:
-            raise SystemExit(f"[tts] --voices: espeak-ng does not know voice '{base}' "
+            raise SystemExit(f"[tts] {flag}: espeak-ng does not know voice '{base}' "
                              f"(see espeak-ng --voices=en): {done.stderr.decode().strip()}")
 
 
@@ -79,17 +85,20 @@ def synthesise(text: str, voice: str, speed: int, what: str) -> np.ndarray:
 
 
 def talk_plan(args, split: str, talk: int) -> Tuple[str, int, random.Random]:
-    """Voice, speed and the pause generator of one talk, from ``--seed`` alone."""
+    """Voice, speed and the pause generator of one talk, from ``--seed`` alone; the voice from
+    ``--heldout-voices`` in the held-out split, else from ``--voices``."""
     rng = random.Random(f"{args.seed}/{split}/{talk}")
-    return rng.choice(args.voices), rng.choice(args.speeds), rng
+    voices = args.heldout_voices if split == HELDOUT_SPLIT else args.voices
+    return rng.choice(voices), rng.choice(args.speeds), rng
 
 
 def pause(rng: random.Random, args) -> np.ndarray:
     return np.zeros(round(rng.uniform(*args.pause) * SAMPLE_RATE), dtype=np.int16)
 
 
-def write_split(args, split: str, pairs: List[Tuple[str, str]], out: Path) -> None:
-    """Synthesise one split into ``out/data/<split>/{wav,txt}``."""
+def write_split(args, split: str, pairs: List[Tuple[str, str]], out: Path) -> Dict[str, float]:
+    """Synthesise one split into ``out/data/<split>/{wav,txt}``; its hours of audio (pauses
+    included) and megabytes of wav."""
     wav_dir, txt_dir = out / "data" / split / "wav", out / "data" / split / "txt"
     wav_dir.mkdir(parents=True)
     txt_dir.mkdir(parents=True)
@@ -101,7 +110,7 @@ def write_split(args, split: str, pairs: List[Tuple[str, str]], out: Path) -> No
     for number, (source, _) in enumerate(pairs):
         voice, speed, _ = plans[number // args.per_talk]
         jobs.append((source, voice, speed, f"{split} utterance {number} (TSV line {number + 2})"))
-    entries, started, last_log = [], time.time(), time.time()
+    entries, started, last_log, samples = [], time.time(), time.time(), 0
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         utterances = pool.map(lambda job: synthesise(*job), jobs)
         for talk, start in enumerate(starts):
@@ -117,6 +126,7 @@ def write_split(args, split: str, pairs: List[Tuple[str, str]], out: Path) -> No
                                f"wav: {name}}}\n")
                 position += len(pieces[-1])
             pieces.append(pause(rng, args))
+            samples += position + len(pieces[-1])
             with atomic_output(wav_dir / name) as partial:
                 soundfile.write(partial, np.concatenate(pieces), SAMPLE_RATE, subtype="PCM_16")
             if time.time() - last_log > 10 or talk == len(starts) - 1:
@@ -124,6 +134,10 @@ def write_split(args, split: str, pairs: List[Tuple[str, str]], out: Path) -> No
                 log(f"{split}: {len(entries)}/{len(pairs)} utterances, {talk + 1}/{len(starts)} "
                     f"talks ({time.time() - started:.0f} s)")
     write_text(txt_dir / f"{split}.yaml", "".join(entries))
+    size = {"hours": round(samples / SAMPLE_RATE / 3600, 3),
+            "megabytes": round(sum(p.stat().st_size for p in wav_dir.iterdir()) / 2**20, 1)}
+    log(f"{split}: {size['hours']:.3f} h of audio, {size['megabytes']:.1f} MB of wav")
+    return size
 
 
 def clear_output(out: Path, splits: Sequence[str]) -> None:
@@ -149,9 +163,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.add_argument(f"--max-{split}", type=int, default=0,
                             help=f"keep the first N {split} pairs (0: all)")
     parser.add_argument("--per-talk", type=int, default=10, help="utterances per talk wav")
-    parser.add_argument("--voices", default="en-us,en-gb,en-us+f3,en-gb+m3",
+    parser.add_argument("--voices", default=",".join(VOICES),
                         help="espeak-ng voices[+variant], one chosen per talk")
-    parser.add_argument("--speeds", default="140,165,190",
+    parser.add_argument("--heldout-voices", default=",".join(HELDOUT_VOICES),
+                        help=f"voices of the {HELDOUT_SPLIT} split (the test pairs again), none "
+                             "of them in --voices; empty: no such split")
+    parser.add_argument("--speeds", default=",".join(map(str, SPEEDS)),
                         help="espeak-ng speeds (words per minute), one chosen per talk")
     parser.add_argument("--pause", type=float, nargs=2, default=[0.3, 0.7],
                         metavar=("MIN", "MAX"), help="seconds of silence around utterances")
@@ -160,6 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # parallel over utterances (--jobs); small tensors contend
     args.voices = [voice for voice in args.voices.split(",") if voice]
+    args.heldout_voices = [voice for voice in args.heldout_voices.split(",") if voice]
     try:
         args.speeds = [int(speed) for speed in args.speeds.split(",") if speed]
     except ValueError:
@@ -172,7 +190,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise SystemExit(f"[tts] {flag}")
     if not 0 <= args.pause[0] <= args.pause[1]:
         raise SystemExit(f"[tts] --pause needs 0 <= MIN <= MAX, got {args.pause}")
-    check_voices(args.voices)
+    heard = [voice for voice in args.heldout_voices if voice in args.voices]
+    if heard:
+        raise SystemExit(f"[tts] --heldout-voices: {heard[0]} is in --voices too; a held-out "
+                         "voice is one the training never hears")
+    check_voices(args.voices, "--voices")
+    check_voices(args.heldout_voices, "--heldout-voices")
 
     pairs: Dict[str, List[Tuple[str, str]]] = {}
     for split in SPLITS:
@@ -180,15 +203,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         limit = getattr(args, f"max_{split}")
         if limit:
             pairs[split] = pairs[split][:limit]
+    plan = [(split, mustc_split, args.voices) for split, mustc_split in SPLITS.items()]
+    if args.heldout_voices:
+        plan.append(("test", HELDOUT_SPLIT, args.heldout_voices))
     out = Path(args.out) / f"{args.src}-{args.tgt}"
-    clear_output(out, list(SPLITS.values()))
+    clear_output(out, [*SPLITS.values(), HELDOUT_SPLIT])
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / MARKER, json.dumps({
+    settings = {
         "corpus": args.corpus, "src": args.src, "tgt": args.tgt, "per_talk": args.per_talk,
-        "voices": args.voices, "speeds": args.speeds, "pause": args.pause, "seed": args.seed,
-        "pairs": {SPLITS[split]: len(pairs[split]) for split in SPLITS}}, indent=2) + "\n")
-    for split, mustc_split in SPLITS.items():
-        log(f"{mustc_split}: {len(pairs[split])} utterances from the {split} TSV, "
-            f"{args.per_talk} per talk, {args.jobs} espeak-ng jobs")
-        write_split(args, mustc_split, pairs[split], out)
+        "voices": args.voices, "heldout_voices": args.heldout_voices, "speeds": args.speeds,
+        "pause": args.pause, "seed": args.seed,
+        "pairs": {mustc_split: len(pairs[split]) for split, mustc_split, _ in plan}}
+    write_text(out / MARKER, json.dumps(settings, indent=2) + "\n")
+    settings["size"] = {}
+    for split, mustc_split, voices in plan:
+        log(f"{mustc_split}: {len(pairs[split])} utterances from the {split} TSV, voices "
+            f"{','.join(voices)}, {args.per_talk} per talk, {args.jobs} espeak-ng jobs")
+        settings["size"][mustc_split] = write_split(args, mustc_split, pairs[split], out)
+    write_text(out / MARKER, json.dumps(settings, indent=2) + "\n")
     log(f"done -> {out}")
