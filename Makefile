@@ -1,7 +1,9 @@
 # One entry point for users and CI. Every target sets up the environment first (quick when done).
+# VENV: the virtualenv (default .venv); PYTHON: the interpreter a new one is made with
+# (Python 3.11 or 3.12; scripts/setup_env.sh picks one when unset).
 VENV ?= .venv
-PYTHON := $(VENV)/bin/python
-export VENV
+VENV_PYTHON := $(VENV)/bin/python
+export VENV PYTHON
 
 .PHONY: setup test lint benchmark demo
 
@@ -9,14 +11,14 @@ setup:
 	bash scripts/setup_env.sh
 
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(VENV_PYTHON) -m pytest -q tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
 benchmark: setup
-	$(PYTHON) benchmarks/attention.py
+	$(VENV_PYTHON) benchmarks/attention.py
 
 demo: setup
-	$(PYTHON) scripts/t2t_recipe.py demo
-	$(PYTHON) scripts/s2t_recipe.py demo
+	$(VENV_PYTHON) scripts/t2t_recipe.py demo
+	$(VENV_PYTHON) scripts/s2t_recipe.py demo

@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="LeaPformer linear attention for simultaneous translation, as a fairseq plugin",
     packages=find_packages(include=["leapformer_fairseq", "leapformer_fairseq.*"]),
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11,<3.13",
     install_requires=[
         "torch==2.11.0",
         "torchaudio==2.11.0",

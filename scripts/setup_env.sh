@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtualenv and install the pinned stack.
 # Idempotent: a second run on a machine that already has the venv only checks versions.
-#   VENV=path   where the virtualenv lives (default: .venv in the repository root)
+#   VENV=path     where the virtualenv lives (default: .venv in the repository root)
+#   PYTHON=cmd    the interpreter a new virtualenv is made with: Python 3.11 or 3.12 (default:
+#                 the first of python3.11, python3.12 that runs, on PATH or in pyenv's versions)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,16 +25,48 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
 fi
 
-# 2. The virtualenv, on Python 3.11.
+# 2. The virtualenv, on Python 3.11 or 3.12.
+SUPPORTED="3.11 3.12"
+version_of() {  # version_of CMD -> "3.11" (nothing when CMD does not run)
+  "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true
+}
+supported() { [[ " $SUPPORTED " == *" $1 "* ]]; }
+describe() {  # describe CMD -> "Python 3.10" or "not runnable"
+  local version; version="$(version_of "$1")"
+  if [ -n "$version" ]; then echo "Python $version"; else echo "not runnable"; fi
+}
+resolve() {  # resolve CMD -> CMD's path if it runs; for python3.N also pyenv's installs of 3.N
+  local candidate minor="${1#python3.}"
+  for candidate in "$1" $( [[ "$1" == python3.* ]] && ls -d \
+      "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3."$minor".*/bin/"$1" 2>/dev/null | sort -V -r); do
+    if [ -n "$(version_of "$candidate")" ]; then command -v "$candidate"; return; fi
+  done
+}
+if [ -n "${PYTHON:-}" ]; then
+  BASE="$(resolve "$PYTHON")"
+  BASE="${BASE:-$PYTHON}"
+  supported "$(version_of "$BASE")" || {
+    echo "[setup] error: PYTHON=$PYTHON is $(describe "$BASE"); need Python 3.11 or 3.12" >&2
+    exit 1; }
+fi
 if [ ! -x "$PY" ]; then
-  PYTHON311="$(command -v python3.11 || true)"
-  if [ -z "$PYTHON311" ]; then
-    echo "[setup] error: python3.11 not found on PATH; install Python 3.11 first" >&2
-    exit 1
+  if [ -z "${PYTHON:-}" ]; then
+    BASE="$(resolve python3.11)"
+    BASE="${BASE:-$(resolve python3.12)}"
+    [ -n "$BASE" ] || {
+      echo "[setup] error: no Python 3.11 or 3.12 found (python3.11, python3.12 on PATH or in pyenv); install one or set PYTHON" >&2
+      exit 1; }
   fi
-  log "creating virtualenv $VENV with $PYTHON311"
-  "$PYTHON311" -m venv "$VENV"
+  log "creating virtualenv $VENV with $BASE (Python $(version_of "$BASE"))"
+  "$BASE" -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip "setuptools<81" wheel
+fi
+supported "$(version_of "$PY")" || {
+  echo "[setup] error: $VENV is $(describe "$PY"); need Python 3.11 or 3.12 (remove it, or set VENV)" >&2
+  exit 1; }
+if [ -n "${PYTHON:-}" ] && [ "$(version_of "$PY")" != "$(version_of "$BASE")" ]; then
+  echo "[setup] error: $VENV is $(describe "$PY"), PYTHON=$PYTHON is $(describe "$BASE"); set VENV to another folder" >&2
+  exit 1
 fi
 
 installed() {  # installed DIST VERSION -> exit 0 when DIST==VERSION is in the venv

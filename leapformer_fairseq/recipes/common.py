@@ -22,6 +22,8 @@ Item = TypeVar("Item")
 FAIRSEQ_GENERATE = [sys.executable, "-m", "fairseq_cli.generate"]
 FAIRSEQ_PREPROCESS = [sys.executable, "-m", "fairseq_cli.preprocess"]
 FAIRSEQ_TRAIN = [sys.executable, "-m", "fairseq_cli.train"]
+SHARDS_HELP = ("SimulEval processes per run, each on a contiguous share of the instances, "
+               "their logs joined and scored together (default 1)")
 SIMULEVAL = [sys.executable, "-m", "simuleval.cli"]
 # fairseq.data.data_utils' warning when it drops samples longer than the model's max positions
 SKIPPED = re.compile(r"(\d+) samples have invalid sizes and will be skipped, max_positions=(.*?), "
@@ -192,18 +194,57 @@ class Recipe:
         return {subset: count for subset, (count, _) in skipped.items()}
 
     def simuleval(self, command: Sequence, scoring: Sequence[str], output: Path, what: str,
-                  quiet: bool) -> Dict[str, float]:
+                  quiet: bool, shards: int = 1) -> Dict[str, float]:
         """The ``simuleval`` CLI ``command`` with ``--no-scoring``, then SimulEval's own scoring
         of the run with the ``scoring`` flags into ``output/scores.tsv``; a run whose agent wrote
-        nothing stops with one line naming it (SimulEval itself dies with a traceback)."""
+        nothing stops with one line naming it (SimulEval itself dies with a traceback). With
+        ``shards`` > 1 the instances are split over that many SimulEval processes at once
+        (:meth:`simuleval_shards`) and scored together."""
         from leapformer_fairseq.simuleval_scores import simuleval_score_only
 
-        self.run([*command, *scoring, "--no-scoring"], what,
-                 log_file=output / "simuleval.log" if quiet else None)
+        if shards != 1:
+            self.simuleval_shards(command, scoring, output, what, shards)
+        else:
+            self.run([*command, *scoring, "--no-scoring"], what,
+                     log_file=output / "simuleval.log" if quiet else None)
         try:
             return simuleval_score_only(output, scoring)
         except ValueError as error:
             raise self.fail(f"{what}: {error}") from None
+
+    def simuleval_shards(self, command: Sequence, scoring: Sequence[str], output: Path,
+                         what: str, shards: int) -> None:
+        """``command`` (a SimulEval CLI run with ``--source`` and ``--output output``) as
+        ``shards`` processes at once, shard i on the i-th contiguous range of instances
+        (``--start-index``/``--end-index``) into ``output/shards/<i>/`` (its output in
+        ``simuleval.log`` there); their ``instances.log`` files joined in order into
+        ``output/instances.log``, each instance keeping its index."""
+        command = [str(part) for part in command]
+        count = len(read_lines(Path(command[command.index("--source") + 1]), self.tag))
+        if not 1 <= shards <= count:
+            raise self.fail(f"{what}: --shards {shards}: between 1 and the {count} instances")
+        bounds = [round(i * count / shards) for i in range(shards + 1)]
+        folders = [output / "shards" / str(i) for i in range(shards)]
+        at = command.index("--output") + 1
+
+        def shard(i: int) -> Dict:
+            folders[i].mkdir(parents=True, exist_ok=True)
+            self.run([*command[:at], folders[i], *command[at + 1:], "--start-index", bounds[i],
+                      "--end-index", bounds[i + 1], *scoring, "--no-scoring"],
+                     f"{what} shard {i + 1}/{shards} (instances {bounds[i]}-{bounds[i + 1] - 1})",
+                     log_file=folders[i] / "simuleval.log")
+            return {}
+
+        self.parallel(shard, range(shards), shards)
+        lines = []
+        for i, folder in enumerate(folders):
+            logged = read_lines(folder / "instances.log", self.tag)
+            if len(logged) != bounds[i + 1] - bounds[i]:
+                raise self.fail(f"{what}: shard {i + 1} logged {len(logged)} instances, not "
+                                f"{bounds[i + 1] - bounds[i]}; see {folder / 'simuleval.log'}")
+            lines += logged
+        write_text(output / "instances.log", "".join(line + "\n" for line in lines))
+        self.log(f"{what}: {shards} shards joined, {count} instances -> {output / 'instances.log'}")
 
     def first_lines(self, paths: Sequence[Path], output: Path, count: int) -> List[Path]:
         """``paths`` themselves, or (``count`` > 0) copies of their first ``count`` lines in

@@ -28,6 +28,7 @@ from leapformer_fairseq.audio import SAMPLE_RATE
 from leapformer_fairseq.recipes.common import (
     PLUGIN,
     ROOT,
+    SHARDS_HELP,
     SIMULEVAL,
     Recipe,
     atomic_output,
@@ -162,10 +163,10 @@ def train_command(args) -> None:
 # --------------------------------------------------------------------------- evaluate
 def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, segment_ms: int,
               sentences: int, quiet: bool = False, extra: Sequence = (),
-              test_set: str = "eval") -> Dict[str, float]:
+              test_set: str = "eval", shards: int = 1) -> Dict[str, float]:
     """SimulEval CLI with the speech agent and ``--computation-aware`` on ``test_set`` (a key
-    of ``TEST_SETS``); returns BLEU and each latency metric plain and ``_CA`` (also written to
-    ``output/scores_plain_ca.tsv``)."""
+    of ``TEST_SETS``), ``shards`` SimulEval processes sharing the segments; returns BLEU and
+    each latency metric plain and ``_CA`` (also written to ``output/scores_plain_ca.tsv``)."""
     recipe = read_recipe(data, "s2t", "evaluate")
     source, target = data / f"{test_set}.wav_list", data / f"{test_set}.{recipe['lang']}"
     for path in (source, target):
@@ -182,7 +183,7 @@ def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, segment_ms
         ["--source-type", "speech", "--target-type", "text", "--quality-metrics", "BLEU",
          "--latency-metrics", *LATENCY_METRICS, "--eval-latency-unit", "word",
          "--computation-aware"],
-        output, f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet)
+        output, f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet, shards)
     scores = plain_and_computation_aware_scores(output, LATENCY_METRICS, ("BLEU",), "word")
     with atomic_output(output / "scores_plain_ca.tsv") as partial:
         write_scores_tsv(scores, partial)
@@ -200,7 +201,7 @@ def evaluate(args) -> None:
         name, waitk, checkpoint = spec
         scores = simuleval(data, checkpoint, data / args.test_set / f"{name}_k{waitk}", waitk,
                            args.segment_ms, args.sentences, quiet=args.jobs > 1,
-                           test_set=args.test_set)
+                           test_set=args.test_set, shards=args.shards)
         log(f"evaluate: {args.test_set} {name} wait-{waitk}: "
             + "  ".join(f"{metric} {scores[metric]:.2f}" for metric in TABLE_COLUMNS))
         return {"attn_type": name, "waitk": waitk, **scores}
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", type=int, default=0, help="first N segments (0: all)")
     p.add_argument("--checkpoint-name", default="checkpoint_last.pt")
     p.add_argument("--jobs", type=int, default=1, help="SimulEval runs in parallel")
+    p.add_argument("--shards", type=int, default=1, help=SHARDS_HELP)
     p.set_defaults(run=evaluate)
 
     p = commands.add_parser("demo", help="TTS slice -> prepare -> tiny ASR -> tiny ST -> eval")

@@ -27,6 +27,7 @@ from leapformer_fairseq.recipes.common import (
     FAIRSEQ_PREPROCESS,
     PLUGIN,
     ROOT,
+    SHARDS_HELP,
     SIMULEVAL,
     Recipe,
     read_lines,
@@ -205,14 +206,16 @@ def distill(args) -> None:
 # --------------------------------------------------------------------------- evaluate
 def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, sentences: int,
               extra: Sequence[str] = (), quiet: bool = False, recipe: Recipe = RECIPE,
-              what: Optional[str] = None) -> Dict[str, float]:
+              what: Optional[str] = None, shards: int = 1) -> Dict[str, float]:
     """SimulEval CLI with the agent on the test set (or its first ``sentences``) into ``output``,
     then SimulEval's scoring; ``quiet`` sends its output to ``output/simuleval.log`` instead of
     the terminal. ``recipe`` logs and refuses (the study runner passes its own), ``what`` names
-    the run in its log line and messages (default ``simuleval wait-K RUN``)."""
+    the run in its log line and messages (default ``simuleval wait-K RUN``); ``shards``
+    SimulEval processes share the sentences (:meth:`Recipe.simuleval_shards`)."""
     command = simuleval_command(data, checkpoint, output, waitk, sentences, extra, recipe)
     return recipe.simuleval(command, SCORING, output,
-                            what or f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet)
+                            what or f"simuleval wait-{waitk} {checkpoint.parent.name}", quiet,
+                            shards)
 
 
 def simuleval_command(data: Path, checkpoint: Path, output: Path, waitk: int, sentences: int,
@@ -242,7 +245,7 @@ def evaluate(args) -> None:
         name, waitk, checkpoint = run_spec
         output = data / "eval" / f"{name}_k{waitk}"
         scores = simuleval(data, checkpoint, output, waitk, args.sentences,
-                           quiet=args.jobs > 1)
+                           quiet=args.jobs > 1, shards=args.shards)
         log(f"evaluate: {name} wait-{waitk}: " + "  ".join(
             f"{metric} {value:.2f}" for metric, value in scores.items()))
         return {"attn_type": name, "waitk": waitk, **scores}
@@ -317,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file in each run directory")
     p.add_argument("--jobs", type=int, default=1,
                    help="SimulEval runs in parallel (each logs to its eval dir's simuleval.log)")
+    p.add_argument("--shards", type=int, default=1, help=SHARDS_HELP)
     p.set_defaults(run=evaluate)
 
     p = commands.add_parser("demo", help="prepare + train + evaluate on the built-in slice")
