@@ -12,12 +12,15 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece
 import soundfile
 import torch
+import yaml
 from simuleval.data.segments import SpeechSegment
 
 from leapformer_fairseq.audio import GlobalCMVN, num_frames, to_int16_scale
@@ -107,6 +110,80 @@ def test_agent_output_equals_offline_waitk_greedy(demo):
         frames = model.encoder.subsampler.output_lengths(torch.tensor(num_frames(len(samples))))
         units = -(-int(frames) // frames_per_unit)
         assert len(tokens) - 1 >= units - waitk, wav
+
+
+def live_view(demo, tmp_path, *options) -> list:
+    """``python -m leapformer_fairseq.translate`` on the demo's ST model; its JSON words."""
+    output = tmp_path / "words.json"
+    subprocess.run([sys.executable, "-m", "leapformer_fairseq.translate", "--checkpoint",
+                    str(demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"), "--data-dir",
+                    str(demo), "--output", str(output), *map(str, options)],
+                   check=True, cwd=ROOT, env=ENV, capture_output=True)
+    return json.loads(output.read_text(encoding="utf-8"))
+
+
+def test_live_view_writes_the_offline_words_of_each_utterance_of_a_talk(demo, tmp_path):
+    """A held-out-voice talk with its MuST-C yaml, as fast as possible: each utterance's words
+    are offline wait-k decoding's of that utterance, read from no more source than it has, and
+    written no earlier than the source they needed."""
+    talk = demo / "tts" / "en-de" / "data" / "tst-HE"
+    wav = sorted((talk / "wav").iterdir())[0]
+    words = live_view(demo, tmp_path, "--wav", wav, "--segments", talk / "txt" / "tst-HE.yaml",
+                      "--segment-ms", 160, "--no-realtime")
+    model, task = load_streaming_model(str(demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"),
+                                       str(demo), overrides={"config_yaml": "config_st.yaml"})
+    cmvn = GlobalCMVN.load(task.data_cfg.global_cmvn_stats_npz)
+    spm = sentencepiece.SentencePieceProcessor(
+        model_file=task.data_cfg.bpe_tokenizer["sentencepiece_model"])
+    samples, _ = soundfile.read(wav, dtype="float32")
+    segments = [entry for entry in yaml.safe_load((talk / "txt" / "tst-HE.yaml").read_text())
+                if entry["wav"] == wav.name]
+    assert {record["utterance"] for record in words} == set(range(len(segments)))
+    for number, entry in enumerate(segments):
+        start, end = entry["offset"], entry["offset"] + entry["duration"]
+        cut = samples[round(start * 16000):round(end * 16000)]
+        tokens = speech_waitk_greedy_decode(model, to_int16_scale(cut), cmvn)
+        expected = spm.decode_pieces([task.target_dictionary[t] for t in tokens
+                                      if t != task.target_dictionary.eos()]).split()
+        mine = [record for record in words if record["utterance"] == number]
+        assert [record["word"] for record in mine] == expected
+        sources = [record["source_s"] for record in mine]
+        assert sources == sorted(sources)
+        assert all(start < source <= end + 1e-3 for source in sources)
+        assert all(record["written_s"] >= record["source_s"] for record in mine)
+
+
+def test_live_view_in_real_time_takes_the_audio_time(demo, tmp_path):
+    wav = Path((demo / "heldout.wav_list").read_text().splitlines()[0])
+    seconds = soundfile.info(wav).duration
+    started = time.perf_counter()
+    words = live_view(demo, tmp_path, "--wav", wav)
+    assert time.perf_counter() - started >= seconds
+    assert all(record["written_s"] >= record["source_s"] - 0.05 for record in words)
+
+
+def test_live_view_refuses_what_it_cannot_play(demo, tmp_path):
+    def refusal(*options) -> str:
+        done = subprocess.run([sys.executable, "-m", "leapformer_fairseq.translate",
+                               "--checkpoint", str(demo / "runs" / "st_leap_k2" /
+                                                   "checkpoint_last.pt"),
+                               "--data-dir", str(demo), *map(str, options)],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, input="a b\n")
+        assert done.returncode == 1
+        return done.stderr.strip().splitlines()[-1]
+
+    assert refusal() == "[translate] text input needs --spm (or pass --wav for speech)"
+    assert refusal("--wav", tmp_path / "no.wav") == \
+        f"[translate] --wav {tmp_path / 'no.wav'}: no such file"
+    soundfile.write(tmp_path / "cd.wav", np.zeros(4410, dtype=np.float32), 44100)
+    assert refusal("--wav", tmp_path / "cd.wav") == \
+        f"[translate] --wav {tmp_path / 'cd.wav'}: 44100 Hz; the model reads 16000 Hz"
+    soundfile.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    (tmp_path / "talk.yaml").write_text("- {duration: 0.1, offset: 0.0, wav: other.wav}\n")
+    assert refusal("--wav", tmp_path / "a.wav", "--segments", tmp_path / "talk.yaml") == \
+        f"[translate] --segments {tmp_path / 'talk.yaml'}: no segment of a.wav"
+    assert refusal("--wav", tmp_path / "a.wav", "--segment-ms", 0) == \
+        "[translate] --segment-ms and --words-per-second must be positive"
 
 
 def load_speech_agent_class():
