@@ -20,8 +20,11 @@ ATTN_TYPES = ("leap", "softmax")
 
 @pytest.fixture(scope="module")
 def device_run(tmp_path_factory):
+    """The smoke run, with this interpreter's environment first on PATH (the script runs
+    ``python3``, as in an activated virtualenv or after device_env.sh)."""
     root = tmp_path_factory.mktemp("device")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MAX_TRAIN": "40", "MAX_TEST": "4",
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "MAX_TRAIN": "40", "MAX_TEST": "4",
            "ASR_MINUTES": "0.1", "ST_MINUTES": "0.1", "WORK": str(root / "work"),
            "OUT": str(root / "out"), "JOBS": "2",
            "TRAIN_ARGS": "--set arch=leapformer_s2t_waitk_tiny --set max-update=2 --cpu"}
