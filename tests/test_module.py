@@ -256,7 +256,7 @@ def test_incremental_state_holds_no_key_value_cache(attn_type):
     sizes_after_50 = {name: t.shape for name, t in module._get_input_buffer(state).items()}
     assert sizes_after_5 == sizes_after_50
     feature_dim = module.head_dim * {"linear": 1, "leap+hedgehog": 4}.get(attn_type, 2)
-    assert sizes_after_50["kv_state"] == (2, HEADS, feature_dim, module.head_dim)
+    assert sizes_after_50["kv_state"] == (2 * HEADS, feature_dim, module.head_dim)
 
 
 @pytest.mark.parametrize("attn_type", VARIANTS)

@@ -25,7 +25,8 @@ def make_inputs(attn_type, n, lq, lk, dtype, d=8, dv=5):
         p_q = ops.cosformer_proportions(torch.arange(lq, dtype=dtype).expand(n, lq), COSFORMER_M)
         p_k = ops.cosformer_proportions(torch.arange(lk, dtype=dtype).expand(n, lk), COSFORMER_M)
     return (q_tilde, k_tilde, v, p_q, p_k,
-            ops.sincos_features(q_tilde, p_q), ops.sincos_features(k_tilde, p_k))
+            ops.sincos_features(q_tilde, p_q[..., None]),
+            ops.sincos_features(k_tilde, p_k[..., None]))
 
 
 def right_padding(n, length, generator_seed=1):
@@ -44,7 +45,8 @@ def assert_close(actual, expected):
 def test_sincos_features_reproduce_the_cos_reweighting():
     q_tilde, k_tilde = torch.rand(4, 6, dtype=torch.float64), torch.rand(5, 6, dtype=torch.float64)
     p_q, p_k = torch.rand(4, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
-    phi_scores = ops.sincos_features(q_tilde, p_q) @ ops.sincos_features(k_tilde, p_k).T
+    phi_scores = (ops.sincos_features(q_tilde, p_q[:, None])
+                  @ ops.sincos_features(k_tilde, p_k[:, None]).T)
     direct = (q_tilde @ k_tilde.T) * torch.cos(torch.pi / 2 * (p_q[:, None] - p_k[None, :]))
     torch.testing.assert_close(phi_scores, direct, atol=1e-12, rtol=1e-12)
 
@@ -143,9 +145,9 @@ def test_512_recurrent_steps_match_causal_parallel(attn_type):
     state = ops.empty_state(4, phi_q.shape[-1], v.shape[-1], dtype=torch.float64)
     steps = []
     for i in range(length):
-        state, out = ops.recurrent_step(state, phi_q[:, i], phi_k[:, i], v[:, i])
+        state, out = ops.recurrent_step(state, *(x[:, i:i + 1] for x in (phi_q, phi_k, v)))
         steps.append(out)
-    assert_close(torch.stack(steps, dim=1), parallel)
+    assert_close(torch.cat(steps, dim=1), parallel)
     assert_close(state.kv, parallel_state.kv)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     assert_close(parallel, ops.naive_leap_attention(q_t, k_t, v, p_q, p_k, causal))
@@ -158,11 +160,11 @@ def test_recurrent_state_stays_float32(dtype):
     state = ops.empty_state(2, phi_q.shape[-1], v.shape[-1])
     for i in range(40):
         state, out = ops.recurrent_step(
-            state, phi_q[:, i].to(dtype), phi_k[:, i].to(dtype), v[:, i].to(dtype)
+            state, *(x[:, i:i + 1].to(dtype) for x in (phi_q, phi_k, v))
         )
         assert state.kv.dtype == torch.float32 and state.k_sum.dtype == torch.float32
         assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), reference[:, -1], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), reference[:, -1:], atol=2e-2, rtol=2e-2)
 
 
 def test_update_state_ignores_padded_keys():
@@ -208,7 +210,7 @@ def _gradcheck_inputs(attn_type, lq, lk):
 
 def _features(attn_type, x, p):
     x = ops.relu_features(x)
-    return x if attn_type == "linear" else ops.sincos_features(x, torch.sigmoid(p))
+    return x if attn_type == "linear" else ops.sincos_features(x, torch.sigmoid(p)[..., None])
 
 
 @pytest.mark.parametrize("attn_type", LINEAR_TYPES)
@@ -252,8 +254,8 @@ class ToyFeatureMap(torch.nn.Module):
 
     def features(self, x):
         q, k = torch.relu(self.q_proj(x)), torch.relu(self.k_proj(x))
-        phi_q = ops.sincos_features(q, torch.sigmoid(self.leap_q(q)).squeeze(-1))
-        phi_k = ops.sincos_features(k, torch.sigmoid(self.leap_k(k)).squeeze(-1))
+        phi_q = ops.sincos_features(q, torch.sigmoid(self.leap_q(q)))
+        phi_k = ops.sincos_features(k, torch.sigmoid(self.leap_k(k)))
         return phi_q, phi_k
 
     def __call__(self, x_block, rows, with_values=True):

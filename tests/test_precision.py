@@ -90,10 +90,10 @@ def run_form(form, q, k, v):
     state = ops.empty_state(1, FEATURES, VALUE_DIM, dtype=q.dtype)
     outputs = []
     for i in range(length):
-        state, out = ops.recurrent_step(state, q[:, i], k[:, i], v[:, i])
+        state, out = ops.recurrent_step(state, *(x[:, i:i + 1] for x in (q, k, v)))
         outputs.append(out)
     assert state.kv.dtype == state.k_sum.dtype == ops.state_dtype(q.dtype)
-    return torch.stack(outputs, dim=1)
+    return torch.cat(outputs, dim=1)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -139,8 +139,8 @@ class LinearFeatureMap(torch.nn.Module):
 
     def forward(self, x_block, rows):
         q, k = torch.relu(self.q_proj(x_block)), torch.relu(self.k_proj(x_block))
-        phi_q = ops.sincos_features(q, torch.sigmoid(self.leap_q(q)).squeeze(-1))
-        phi_k = ops.sincos_features(k, torch.sigmoid(self.leap_k(k)).squeeze(-1))
+        phi_q = ops.sincos_features(q, torch.sigmoid(self.leap_q(q)))
+        phi_k = ops.sincos_features(k, torch.sigmoid(self.leap_k(k)))
         return phi_q, phi_k, self.v_proj(x_block)
 
 

@@ -9,7 +9,7 @@ the forms in :mod:`leapformer_fairseq.ops` (causal self-attention builds no ``L 
 features (``leap_feature_map``). Which form runs for which call is chosen in one place,
 :meth:`LeaPMultiheadAttention.select_form`, from the table ``FORMS``.
 """
-from typing import Callable, Dict, Optional, Tuple, TypeVar
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ Derived = TypeVar("Derived")
 # "causal blockwise".
 SHORT_FORM_MAX_LENGTH = {"cpu": 128}
 
+# the incremental buffers of the linear types held per head, (B * H, ...): the recurrent state
+PER_HEAD_BUFFERS = ("kv_state", "k_sum")
+
 # the sides a feature map is computed for: queries (0), keys (1), or both stacked
 SIDES = {"q": (0,), "k": (1,), "qk": (0, 1)}
 
@@ -44,7 +47,7 @@ FORMS = {
     "causal short": "causal_linear_attention, one chunk (masked L x L scores)",
     "causal blockwise": "blockwise_causal_linear_attention",
     "causal kernel": "causal_linear_attention_with the backend's sums",
-    "step": "recurrent_step, one fused projection of q, k and v",
+    "step": "recurrent_step, one fused projection of q, k and v (_token_step)",
     "step chunked": "causal_linear_attention from the state",
     "step units": "update_state, then query_state, per unit",
     "read": "query_state of the source sums",
@@ -184,10 +187,11 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.chunk_size = chunk_size
         self.block_size = block_size
         self.short_form_max_length = short_form_max_length
+        self._counts_positions = attn_type == "cosformer" or unit_causal
         self._hedgehog = attn_type == "hedgehog" or (
             attn_type == "leap" and leap_feature_map == "hedgehog")
         # what _derive keeps: name -> (source parameters, their versions, value)
-        self._derived: Dict[str, Tuple[Tuple[Tensor, ...], Tuple[int, ...], object]] = {}
+        self._derived: Dict[str, Tuple[Tuple[Tensor, ...], List[int], object]] = {}
         if attn_type == "leap":
             self.leap_q = leap_proportion_mlp(self.head_dim, leap_factor, leap_input_norm)
             self.leap_k = leap_proportion_mlp(self.head_dim, leap_factor, leap_input_norm)
@@ -277,9 +281,12 @@ class LeaPMultiheadAttention(MultiheadAttention):
                              "see exactly the keys pushed so far")
         if self.self_attention and causal and self.unit_causal and not incremental:
             causal, key_limit = False, self.unit_causal_limit(query.size(0), 0, query.device)
-        backend = ops.select_backend(query.device, query.dtype)
+        # the backends serve the parallel forms only
+        backend = "torch" if incremental else ops.select_backend(query.device, query.dtype)
         form = self.select_form(query.size(0), incremental, causal, key_limit is not None,
                                 key_padding_mask is not None, query.device, backend)
+        if form == "step":
+            return self._token_step(query, incremental_state), None
         if form == "read":
             out = self._cross_attention_step(
                 query, key, value, key_padding_mask, incremental_state, static_kv)
@@ -334,9 +341,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
         if form == "causal blockwise":
             out = self._blockwise_causal(x, positions, mask)
             return out if mask is None else out.masked_fill(mask[..., None], 0.0)
-        q, k = self._self_features(self._split_heads(self.q_proj(x) * self.scaling),
-                                   self._split_heads(self.k_proj(x)), positions)
-        v = self.dropout_module(self._split_heads(self.v_proj(x)))
+        qkv = self._self_projections(x, *self._qkv_projection())
+        q, k = self._features(qkv[:2], "qk", positions)
+        v = self.dropout_module(qkv[2])
         if form in ("causal short", "causal kernel"):
             if form == "causal short":
                 out, _ = ops.causal_linear_attention(q, k, v, x.size(0), mask, self.eps,
@@ -359,13 +366,14 @@ class LeaPMultiheadAttention(MultiheadAttention):
                                                     query_mask, self.eps)
         return ops.prefix_linear_attention(q, k, v, limit, key_mask, query_mask, self.eps)
 
-    def _self_features(
-        self, q: Tensor, k: Tensor, positions: Optional[Tensor]
-    ) -> Tuple[Tensor, Tensor]:
-        """Query and key features of self-attention in one pass over both sides:
-        ``(N, L, d)`` projections -> ``(N, L, F)`` features each."""
-        features = self._features(torch.stack([q, k]), "qk", positions)
-        return features[0], features[1]
+    def _self_projections(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """Self-attention's input ``x`` ``(L, B, C)`` through the fused projection ``weight``,
+        ``bias`` of :meth:`_qkv_projection` (``S = 3`` or ``2`` sides): ``(S, B * H, L, d)``,
+        queries (times fairseq's scaling), keys and values, a view with rows outermost in
+        memory (as fairseq's heads are)."""
+        length, bsz, _ = x.shape
+        qkv = F.linear(x, weight, bias).view(length, bsz * self.num_heads, -1, self.head_dim)
+        return qkv.permute(2, 1, 0, 3)
 
     def _blockwise_causal(
         self, x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor]
@@ -374,21 +382,23 @@ class LeaPMultiheadAttention(MultiheadAttention):
         features are recomputed block by block in backward. Values are stored only while
         dropout is active (a recomputed dropout mask would differ)."""
         dropout_active = self._dropout_active()
-        values = self.dropout_module(self._split_heads(self.v_proj(x))) if dropout_active else None
+        values = None
+        if dropout_active:  # q and k only from the fused projection
+            values = self.dropout_module(self._split_heads(self.v_proj(x)))
+        weight, bias = self._qkv_projection(2 if dropout_active else 3)
 
         def feature_map(
             x_block: Tensor, rows: slice
         ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
             x_block = x_block.transpose(0, 1)
             block_positions = None if positions is None else positions[:, rows]
-            q = self._split_heads(self.q_proj(x_block) * self.scaling)
-            k = self._split_heads(self.k_proj(x_block))
-            v = None if dropout_active else self._split_heads(self.v_proj(x_block))
-            return (*self._self_features(q, k, block_positions), v)
+            qkv = self._self_projections(x_block, weight, bias)
+            q, k = self._features(qkv[:2], "qk", block_positions)
+            return q, k, None if dropout_active else qkv[2]
 
-        feature_params = [*self.q_proj.parameters(), *self.k_proj.parameters()]
-        if not dropout_active:
-            feature_params += [*self.v_proj.parameters()]
+        # the fused weights are what the blocks read: their gradients flow on to the
+        # projections' parameters through _qkv_projection
+        feature_params = [weight, *([] if bias is None else [bias])]
         for feature_map_module in self._feature_map_modules():
             feature_params += [*feature_map_module.parameters()]
         return ops.blockwise_causal_linear_attention(
@@ -425,26 +435,14 @@ class LeaPMultiheadAttention(MultiheadAttention):
         incremental_state: IncrementalState,
     ) -> Tensor:
         """Advance the causal recurrent state by ``T >= 1`` new tokens; no key/value cache.
-        ``step``: one unpadded token, its q, k and v from one fused projection. ``step units``:
-        the tokens are whole units, each read after its own keys are added."""
+        ``step units``: the tokens are whole units, each read after its own keys are added;
+        ``step chunked``: any tokens, padded or not."""
         buffer = self._get_input_buffer(incremental_state)
         state, position = self._load_state(buffer, x.size(1), "position", x)
         positions = self._positions(padding_mask, x.size(0), x.size(1), x.device, position)
-        if form == "step":
-            bsz, heads, dim = x.size(1), self.num_heads, self.head_dim
-            qkv = F.linear(x, *self._qkv_projection()).view(bsz, 3, heads, dim)
-            u = qkv.narrow(1, 0, 2).transpose(0, 1).reshape(2, bsz * heads, 1, dim)
-            q, k = self._features(u, "qk", positions).unbind(0)
-            v = qkv.select(1, 2).reshape(bsz * heads, dim)
-            if self._dropout_active():
-                v = self.dropout_module(v)
-            state, out = ops.recurrent_step(state, q.squeeze(1), k.squeeze(1), v, self.eps)
-            self._store_state(buffer, state, position + 1, "position")
-            self._set_input_buffer(incremental_state, buffer)
-            return out.unsqueeze(1)
-        q, k = self._self_features(self._split_heads(self.q_proj(x) * self.scaling),
-                                   self._split_heads(self.k_proj(x)), positions)
-        v = self.dropout_module(self._split_heads(self.v_proj(x)))
+        qkv = self._self_projections(x, *self._qkv_projection())
+        q, k = self._features(qkv[:2], "qk", positions)
+        v = self.dropout_module(qkv[2])
         mask = self._per_head(padding_mask)
         if form == "step units":
             if mask is not None or bool((position % self.frames_per_unit).any()):
@@ -460,10 +458,30 @@ class LeaPMultiheadAttention(MultiheadAttention):
             out, state = ops.causal_linear_attention(
                 q, k, v, self.chunk_size, mask, self.eps, initial_state=state
             )
-        position = position + self._count_tokens(x, padding_mask)
+        if position is not None:
+            position = position + self._count_tokens(x, padding_mask)
         self._store_state(buffer, state, position, "position")
         self._set_input_buffer(incremental_state, buffer)
         return out
+
+    def _token_step(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
+        """The ``step`` form: one unpadded token ``(1, B, C)`` through the recurrent state, as
+        few ops as the math allows (the decode loop): q, k and v from one fused projection,
+        both sides' features in one pass, one rank-1 state update and read; returns the
+        output after ``out_proj``, ``(1, B, C)``."""
+        buffer = self._get_input_buffer(incremental_state)
+        bsz = x.size(1)
+        state, position = self._load_state(buffer, bsz, "position", x)
+        positions = self._positions(None, 1, bsz, x.device, position)
+        qkv = self._self_projections(x, *self._qkv_projection())
+        q, k = self._features(qkv[:2], "qk", positions)
+        v = self.dropout_module(qkv[2]) if self._dropout_active() else qkv[2]
+        state, out = ops.recurrent_step(state, q, k, v, self.eps)
+        self._store_state(buffer, state, None if position is None else position + 1, "position")
+        self._set_input_buffer(incremental_state, buffer)
+        # (B * H, 1, d) holds the same numbers as (1, B, C): no transpose
+        return F.linear(out.view(1, bsz, self.embed_dim), self.out_proj.weight,
+                        self.out_proj.bias)
 
     def _cross_attention_step(
         self,
@@ -485,12 +503,11 @@ class LeaPMultiheadAttention(MultiheadAttention):
             self.extend_source(incremental_state, key, value, key_padding_mask)
         buffer = self._get_input_buffer(incremental_state)
         state, _ = self._load_state(buffer, bsz, "key_position", query)
-        query_position = buffer.get("query_position")
-        if query_position is None:
-            query_position = torch.zeros(bsz, device=query.device)
+        query_position = self._position(buffer, "query_position", bsz, query.device)
         q_positions = self._positions(None, query.size(0), bsz, query.device, query_position)
         q = self._features(self._split_heads(self.q_proj(query) * self.scaling), "q", q_positions)
-        buffer["query_position"] = query_position + query.size(0)
+        if query_position is not None:
+            buffer["query_position"] = query_position + query.size(0)
         self._set_input_buffer(incremental_state, buffer)
         return ops.query_state(state, q, self.eps)
 
@@ -521,7 +538,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
             k = self._features(self._split_heads(self.k_proj(key)), "k", k_positions)
             v = self._split_heads(self.v_proj(value))
             state = ops.update_state(state, k, v, self._per_head(key_padding_mask))
-            key_position = key_position + self._count_tokens(key, key_padding_mask)
+            if key_position is not None:
+                key_position = key_position + self._count_tokens(key, key_padding_mask)
             self._store_state(buffer, state, key_position, "key_position")
         self._set_input_buffer(incremental_state, buffer)
 
@@ -549,14 +567,21 @@ class LeaPMultiheadAttention(MultiheadAttention):
     def reorder_incremental_state(
         self, incremental_state: Optional[IncrementalState], new_order: Tensor
     ) -> Optional[IncrementalState]:
-        """Beam search: reorder every buffered tensor (all are batch-first)."""
+        """Beam search: reorder every buffered tensor (batch-first: ``(B, ...)``, or
+        ``(B * H, ...)`` for ``PER_HEAD_BUFFERS``)."""
         if self.attn_type == "softmax":
             return super().reorder_incremental_state(incremental_state, new_order)
         buffer = self._get_input_buffer(incremental_state)
         if buffer:
             for name, tensor in buffer.items():
-                if tensor is not None:
-                    buffer[name] = tensor.index_select(0, new_order)
+                if tensor is None:
+                    continue
+                if name in PER_HEAD_BUFFERS:
+                    tensor = tensor.unflatten(0, (-1, self.num_heads)).index_select(
+                        0, new_order).flatten(0, 1)
+                else:
+                    tensor = tensor.index_select(0, new_order)
+                buffer[name] = tensor
             incremental_state = self._set_input_buffer(incremental_state, buffer)
         return incremental_state
 
@@ -657,7 +682,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
             sources = tuple(p for module in modules() for p in module.parameters())
         else:
             sources = kept[0]
-        versions = tuple(parameter._version for parameter in sources)
+        versions = [parameter._version for parameter in sources]
         if kept is None or kept[1] != versions:
             kept = self._derived[name] = (sources, versions, build())
         return kept[2]
@@ -674,26 +699,39 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self._derived.clear()
         return super().train(mode)
 
-    def _qkv_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """``q_proj`` (times fairseq's query scaling), ``k_proj`` and ``v_proj`` as one
-        ``(3C, C)`` weight and ``(3C,)`` bias (``None`` without biases)."""
+    def _qkv_projection(self, sides: int = 3) -> Tuple[Tensor, Optional[Tensor]]:
+        """``q_proj`` (times fairseq's query scaling), ``k_proj`` and, with ``sides=3``,
+        ``v_proj`` as one ``(S C, C)`` weight and ``(S C,)`` bias (``None`` without biases),
+        rows head by head: the output viewed ``(..., H, S, d)`` (:meth:`_self_projections`)."""
+        def projections() -> Tuple[nn.Module, ...]:
+            return (self.q_proj, self.k_proj, self.v_proj)[:sides]
+
+        def interleave(tensors: List[Tensor]) -> Tensor:
+            """``S`` tensors ``(C, ...)`` -> rows ``(H, S, d)``, the query's scaled."""
+            stacked = torch.stack([tensors[0] * self.scaling, *tensors[1:]])
+            per_head = stacked.view(sides, self.num_heads, self.head_dim, *stacked.shape[2:])
+            return per_head.transpose(0, 1).reshape(-1, *stacked.shape[2:])
+
         def build() -> Tuple[Tensor, Optional[Tensor]]:
-            weight = torch.cat([self.q_proj.weight * self.scaling, self.k_proj.weight,
-                                self.v_proj.weight])
+            weight = interleave([projection.weight for projection in projections()])
             if self.q_proj.bias is None:
                 return weight, None
-            bias = torch.cat([self.q_proj.bias * self.scaling, self.k_proj.bias,
-                              self.v_proj.bias])
-            return weight, bias
-        return self._derive("qkv", lambda: (self.q_proj, self.k_proj, self.v_proj), build)
+            return weight, interleave([projection.bias for projection in projections()])
+        return self._derive("qkv"[:sides], projections, build)
 
     def _side_parameters(self, side: str) -> Dict[str, Tuple[Tensor, ...]]:
-        """Each feature-map layer's parameters (weight, bias) stacked over the sides of ``side``
-        (a key of ``SIDES``): ``(S, ...)``."""
+        """Each feature-map layer's parameters stacked over the sides of ``side`` (a key of
+        ``SIDES``), shaped for rows ``(S, M, d)``: linear layers as ``(S, d_in, d_out)``
+        transposed weights and ``(S, 1, d_out)`` biases (``ops.stacked_linear``), the layer
+        norm as ``(S, 1, d)`` weight and bias."""
         def build() -> Dict[str, Tuple[Tensor, ...]]:
-            return {role: tuple(torch.stack([getattr(pair[i], name) for i in SIDES[side]])
+            stacked = {}
+            for role, pair in self._feature_layers().items():
+                weight, bias = (torch.stack([getattr(pair[i], name) for i in SIDES[side]])
                                 for name in ("weight", "bias"))
-                    for role, pair in self._feature_layers().items()}
+                weight = weight.unsqueeze(1) if role == "norm" else weight.transpose(1, 2)
+                stacked[role] = (weight, bias.unsqueeze(1))
+            return stacked
         return self._derive("features " + side, self._feature_map_modules, build)
 
     def _features(self, u: Tensor, side: str, positions: Optional[Tensor]) -> Tensor:
@@ -703,26 +741,27 @@ class LeaPMultiheadAttention(MultiheadAttention):
         stacked = u if side == "qk" else u.unsqueeze(0)
         sides, n, length, dim = stacked.shape
         parameters = self._side_parameters(side)
-        flat = stacked.reshape(sides, n * length, dim)
+        rows = stacked.reshape(sides, n * length, dim)
         if self._hedgehog:
-            features = ops.softmax_features(ops.stacked_linear(flat, *parameters["hedgehog"]))
+            features = ops.softmax_features(ops.stacked_linear(rows, *parameters["hedgehog"]))
         else:
-            features = ops.relu_features(flat)
-        features = features.view(sides, n, length, -1)
+            features = ops.relu_features(rows)
         if self.attn_type == "leap":  # the MLPs read relu(u) whichever features they re-weight
-            hidden = ops.relu_features(flat) if self._hedgehog else features.view(flat.shape)
+            hidden = ops.relu_features(rows) if self._hedgehog else features
             if "norm" in parameters:
                 weight, bias = parameters["norm"]
-                hidden = torch.addcmul(bias.unsqueeze(1), weight.unsqueeze(1), F.layer_norm(
+                hidden = torch.addcmul(bias, weight, F.layer_norm(
                     hidden, (dim,), eps=self.leap_q[0].eps))
             hidden = torch.relu(ops.stacked_linear(hidden, *parameters["hidden"]))
             proportion = torch.sigmoid(ops.stacked_linear(hidden, *parameters["out"]))
-            features = ops.sincos_features(features, proportion.view(sides, n, length))
+            features = ops.sincos_features(features, proportion)
         elif self.attn_type == "cosformer":
             proportion = self._per_head(
                 ops.cosformer_proportions(positions, self.cosformer_max_positions)
             ).to(u.dtype)
-            features = ops.sincos_features(features, proportion.expand(sides, n, length))
+            features = ops.sincos_features(
+                features, proportion.expand(sides, n, length).reshape(sides, n * length, 1))
+        features = features.view(sides, n, length, -1)
         return features if side == "qk" else features[0]
 
     def _feature_dim(self) -> int:
@@ -733,33 +772,40 @@ class LeaPMultiheadAttention(MultiheadAttention):
 
     def _load_state(
         self, buffer: Dict[str, Optional[Tensor]], bsz: int, position_name: str, like: Tensor
-    ) -> Tuple[ops.LinearAttentionState, Tensor]:
-        """The ``(B * H, ...)`` recurrent state and position counter ``(B,)`` from a buffer;
-        an empty state on ``like``'s device, for ``like``'s dtype, if the buffer has none."""
+    ) -> Tuple[ops.LinearAttentionState, Optional[Tensor]]:
+        """The ``(B * H, ...)`` recurrent state and the position counter (:meth:`_position`)
+        from a buffer; an empty state on ``like``'s device, for ``like``'s dtype, if the buffer
+        has none."""
+        position = self._position(buffer, position_name, bsz, like.device)
         if "kv_state" not in buffer:
             state = ops.empty_state(
                 bsz * self.num_heads, self._feature_dim(), self.head_dim, like.device, like.dtype
             )
-            return state, torch.zeros(bsz, device=like.device)
-        kv, k_sum = buffer["kv_state"], buffer["k_sum"]
-        state = ops.LinearAttentionState(
-            kv=kv.reshape(bsz * self.num_heads, *kv.shape[2:]),
-            k_sum=k_sum.reshape(bsz * self.num_heads, k_sum.shape[-1]),
-        )
-        return state, buffer[position_name]
+            return state, position
+        return ops.LinearAttentionState(buffer["kv_state"], buffer["k_sum"]), position
 
+    def _position(self, buffer: Dict[str, Optional[Tensor]], name: str, bsz: int,
+                  device: torch.device) -> Optional[Tensor]:
+        """The counter ``name`` of tokens seen per sentence, ``(B,)`` (0 before any), kept
+        only where positions are read (cosFormer's features, unit-causal steps); otherwise
+        ``None``, which costs the decode loop nothing."""
+        if not self._counts_positions:
+            return None
+        position = buffer.get(name)
+        return torch.zeros(bsz, device=device) if position is None else position
+
+    @staticmethod
     def _store_state(
-        self,
         buffer: Dict[str, Optional[Tensor]],
         state: ops.LinearAttentionState,
         position: Optional[Tensor],
         position_name: str,
     ) -> None:
-        """Keep the state batch-first, ``(B, H, ...)``, so beam reordering is one index_select."""
-        bsz = state.kv.size(0) // self.num_heads
-        buffer["kv_state"] = state.kv.reshape(bsz, self.num_heads, *state.kv.shape[1:])
-        buffer["k_sum"] = state.k_sum.reshape(bsz, self.num_heads, state.k_sum.shape[-1])
-        buffer[position_name] = position
+        """Keep the state as computed, ``(B * H, ...)`` (``PER_HEAD_BUFFERS``), and the
+        position counter, if kept."""
+        buffer["kv_state"], buffer["k_sum"] = state
+        if position is not None:
+            buffer[position_name] = position
 
     @staticmethod
     def _is_future_mask(attn_mask: Tensor, length: int) -> bool:

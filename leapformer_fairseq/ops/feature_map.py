@@ -6,6 +6,7 @@ With ``phi(x, p) = [sin(pi p / 2) x, cos(pi p / 2) x]`` the LeaP score
 form applies unchanged to the 2d-dimensional features.
 """
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -20,25 +21,38 @@ def relu_features(x: Tensor) -> Tensor:
 def sincos_features(features: Tensor, proportion: Tensor) -> Tensor:
     """Re-weight non-negative features by a proportion in (0, 1).
 
+    Both weights come from one ``cos`` over the angles ``pi p / 2 - [pi / 2, 0]`` (``sin a =
+    cos(a - pi / 2)``): a few ops whatever the shape, which is what a decode step pays.
+
     Args:
         features: ``(..., L, d)``, non-negative.
-        proportion: ``(..., L)``, one proportion per row.
+        proportion: ``(..., L, 1)``, one proportion per row.
     Returns:
         ``(..., L, 2d)``: ``[sin(pi p / 2) x, cos(pi p / 2) x]``.
     """
-    angle = proportion.unsqueeze(-1) * (math.pi / 2)
-    return torch.cat([torch.sin(angle) * features, torch.cos(angle) * features], dim=-1)
+    phases = _phases(proportion.device, proportion.dtype)
+    weights = torch.cos(torch.add(phases, proportion, alpha=math.pi / 2))
+    return (weights.unsqueeze(-1) * features.unsqueeze(-2)).flatten(-2)
 
 
-def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+@lru_cache(maxsize=None)
+def _phases(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[-pi / 2, 0]``: the phases that turn ``cos`` into ``[sin, cos]``, ``(2,)`` (a normal
+    tensor even when first asked for under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        return torch.tensor([-math.pi / 2, 0.0], device=device, dtype=dtype)
+
+
+def stacked_linear(x: Tensor, weight_t: Tensor, bias: Tensor) -> Tensor:
     """One linear layer per stack entry (the query and key sides of a feature map) in one op.
 
     Args:
-        x: ``(S, M, d_in)``; weight: ``(S, d_out, d_in)``; bias: ``(S, d_out)``.
+        x: ``(S, M, d_in)``; weight_t: ``(S, d_in, d_out)``, the weights transposed;
+        bias: ``(S, 1, d_out)``.
     Returns:
-        ``(S, M, d_out)``: ``x[s] @ weight[s].T + bias[s]``.
+        ``(S, M, d_out)``: ``x[s] @ weight_t[s] + bias[s]``.
     """
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return torch.baddbmm(bias, x, weight_t)
 
 
 def softmax_features(x: Tensor) -> Tensor:

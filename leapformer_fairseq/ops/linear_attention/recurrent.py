@@ -40,14 +40,19 @@ def empty_state(
 
 def _add_keys(kv: Tensor, k_sum: Tensor, k: Tensor, v: Tensor) -> LinearAttentionState:
     """``S + k^T v``, ``z + sum_t k``: ``(N, f, dv)``, ``(N, f)`` state, ``(N, t, f)`` keys,
-    ``(N, t, dv)`` values, all in the state's dtype."""
+    ``(N, t, dv)`` values, all in the state's dtype. One key is a rank-1 update (``addcmul``,
+    cheaper than a matmul over ``t = 1``)."""
+    if k.size(1) == 1:
+        return LinearAttentionState(kv=torch.addcmul(kv, k.transpose(1, 2), v),
+                                    k_sum=k_sum + k.squeeze(1))
     return LinearAttentionState(kv=torch.baddbmm(kv, k.transpose(1, 2), v),
                                 k_sum=k_sum + k.sum(dim=1))
 
 
 def _read(kv: Tensor, k_sum: Tensor, q: Tensor, eps: float) -> Tensor:
     """``q S / max(q . z, eps)``: ``(N, t, f)`` queries -> ``(N, t, dv)``, in the state's dtype."""
-    return torch.bmm(q, kv) / torch.bmm(q, k_sum.unsqueeze(-1)).clamp_min(eps)
+    denominator = torch.linalg.vecdot(q, k_sum.unsqueeze(1)).unsqueeze(-1)
+    return torch.bmm(q, kv) / denominator.clamp_min(eps)
 
 
 def update_state(
@@ -79,20 +84,15 @@ def recurrent_step(
 
     Args:
         state: sums over the previous keys.
-        q, k: ``(N, f)`` features of the new token; v: ``(N, dv)``.
+        q, k: ``(N, 1, f)`` features of the new token; v: ``(N, 1, dv)``.
     Returns:
-        The new state and the output ``(N, dv)`` in ``q``'s dtype.
+        The new state and the output ``(N, 1, dv)`` in ``q``'s dtype.
     """
     dtype = q.dtype
     if dtype == k.dtype == v.dtype == state.kv.dtype and \
             not torch.is_autocast_enabled(q.device.type):  # nothing to cast (the decode loop)
-        return _step(*state, q, k, v, eps, dtype)
+        state = _add_keys(*state, k, v)
+        return state, _read(*state, q, eps)
     with accumulating(*state, q, k, v) as (kv, k_sum, q, k, v):
-        return _step(kv, k_sum, q, k, v, eps, dtype)
-
-
-def _step(kv: Tensor, k_sum: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: float,
-          dtype: torch.dtype) -> tuple[LinearAttentionState, Tensor]:
-    """:func:`recurrent_step` on inputs in the state's dtype; the output in ``dtype``."""
-    state = _add_keys(kv, k_sum, k.unsqueeze(1), v.unsqueeze(1))
-    return state, _read(*state, q.unsqueeze(1), eps).squeeze(1).to(dtype)
+        state = _add_keys(kv, k_sum, k, v)
+        return state, _read(*state, q, eps).to(dtype)
