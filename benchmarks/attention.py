@@ -34,7 +34,10 @@ from fairseq.modules import MultiheadAttention
 from torch import nn
 
 from leapformer_fairseq.modules import LeaPMultiheadAttention
-from leapformer_fairseq.modules.leap_multihead_attention import SHORT_FORM_MAX_LENGTH
+from leapformer_fairseq.modules.leap_multihead_attention import (
+    BLOCK_SIZE,
+    SHORT_FORM_MAX_LENGTH,
+)
 from leapformer_fairseq.profiling import peak_rss_increase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,8 +374,10 @@ def markdown(report: Dict) -> str:
              f"{report['config']['embed_dim']}, {report['config']['heads']} heads, "
              f"batch {report['config']['batch']}, chunk {report['config']['chunk_size']}, "
              f"block {report['config']['block_size']}; "
-             f"time is the median of {report['config']['repeats']} forward+backward passes; "
-             "memory is the peak rise during one pass "
+             f"time is the minimum over {report['config'].get('rounds', 1)} rounds (each "
+             "configuration measured once per round, round-robin) of the median of "
+             f"{report['config']['repeats']} forward+backward passes; memory is the largest "
+             "peak rise during one pass "
              + ("(RSS)." if report["device"] == "cpu" else "(CUDA allocator)."), ""]
     lengths = report["config"]["lengths"]
     for causal in (True, False):
@@ -512,11 +517,15 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=32,
                         help="chunk of the causal chunked form (the module's default)")
-    parser.add_argument("--block-size", type=int, default=256,
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE,
                         help="rows per recomputed block of causal linear attention")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed forward+backward passes per child; their median is kept")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times every training configuration is measured, round-robin over "
+                             "all of them; the minimum over rounds is kept")
     parser.add_argument("--decode-steps", type=int, default=50,
                         help="timed decode steps per round")
     parser.add_argument("--decode-rounds", type=int, default=20,
@@ -542,6 +551,8 @@ def parse_args(argv=None):
                              "nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if min(args.repeats, args.rounds) < 1:
+        parser.error("--repeats and --rounds must be >= 1")
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
@@ -588,13 +599,13 @@ def main() -> None:
         report.update({key: previous[key] for key in ("train", "decode", "cutover", "commands")
                        if key in previous})
         report["config"].update({key: previous["config"][key] for key in (
-            "lengths", "methods", "repeats", "decode_positions", "decode_steps",
+            "lengths", "methods", "repeats", "rounds", "decode_positions", "decode_steps",
             "decode_rounds", "decode_threads", "cutover_lengths", "cutover_tokens",
             "cutover_rounds") if key in previous["config"]})
     if "train" in sections:
         report["commands"]["train"] = command
         report["config"].update({"lengths": lengths, "methods": methods,
-                                 "repeats": args.repeats})
+                                 "repeats": args.repeats, "rounds": args.rounds})
         report["train"] = measure_train_section(methods, lengths, args)
     if "decode" in sections:
         report["commands"]["decode"] = command
@@ -630,17 +641,34 @@ def measure_cutover_section(lengths: List[int], args) -> List[Dict]:
 
 
 def measure_train_section(methods: List[str], lengths: List[int], args) -> List[Dict]:
+    """Every (attention, method, length) in its own child, ``--rounds`` times, each round over
+    all of them in the same order: a configuration's time is the minimum over rounds of its
+    median pass (a slow spell of this shared machine then slows one round of every method, not
+    one method's only measurement), its memory the largest peak. A configuration that failed
+    (out of memory, time-out) is not run again."""
+    tasks = [{"kind": "train", "method": method, "causal": causal, "length": length}
+             for causal in (True, False) for method in methods for length in lengths]
+    results: List[List[Dict]] = [[] for _ in tasks]
+    for round_index in range(1, args.rounds + 1):
+        for task, runs in zip(tasks, results):
+            if any("error" in run for run in runs):
+                continue
+            result = run_child(task, args)
+            runs.append(result)
+            print(f"[train {round_index}/{args.rounds}] "
+                  f"{'causal' if task['causal'] else 'bidir '} {task['method']:24s} "
+                  f"n={task['length']:6d} time {fmt_time(result.get('time_s'))} ms  "
+                  f"peak {fmt_mib(result.get('peak_bytes'))} MiB {result.get('error', '')}",
+                  flush=True)
     train = []
-    for causal in (True, False):
-        for method in methods:
-            for length in lengths:
-                task = {"kind": "train", "method": method, "causal": causal, "length": length}
-                result = run_child(task, args)
-                train.append({**task, **result})
-                print(f"[train] {'causal' if causal else 'bidir '} {method:24s} n={length:6d} "
-                      f"time {fmt_time(result.get('time_s'))} ms  "
-                      f"peak {fmt_mib(result.get('peak_bytes'))} MiB {result.get('error', '')}",
-                      flush=True)
+    for task, runs in zip(tasks, results):
+        done = [run for run in runs if "error" not in run]
+        if not done:
+            train.append({**task, **runs[-1]})
+            continue
+        train.append({**task, "time_s": min(run["time_s"] for run in done),
+                      "peak_bytes": max(run["peak_bytes"] for run in done),
+                      "rounds": len(done)})
     return train
 
 

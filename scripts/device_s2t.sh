@@ -9,6 +9,7 @@
 # Here, once:   bash scripts/device_bundle.sh
 # There (the device tool's command, with .device carried):
 #   . scripts/device_env.sh && bash scripts/device_s2t.sh
+# Back here: make_tts_corpus.py --splits tst-COMMON,tst-HE, then s2t_recipe.py receive (docs/recipes.md).
 # A CPU smoke run here (what CI runs, at tiny size):
 #   MAX_TRAIN=40 MAX_TEST=4 ASR_MINUTES=0.1 ST_MINUTES=0.1 \
 #     TRAIN_ARGS="--set arch=leapformer_s2t_waitk_tiny --set max-update=2 --cpu" bash scripts/device_s2t.sh

@@ -1,9 +1,13 @@
 """scripts/device_s2t.sh, the GPU machine's speech training, as a CPU smoke run at tiny size
 (its documented smoke command): synthesis with the held-out voices, prepare, ASR then ST for
 LeaP and softmax side by side, and what it hands back: compact fp16 checkpoints that load for
-streaming with the original's weights rounded to fp16, the prepared text files, the logs."""
+streaming with the original's weights rounded to fp16, the prepared text files, the logs. Then
+the other side: ``s2t_recipe.py receive`` of that output with the test sets synthesised here,
+and evaluation from it."""
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,6 +20,7 @@ from leapformer_fairseq.models.streaming import load_streaming_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTN_TYPES = ("leap", "softmax")
+CORPUS = "data/gettext-mt-full/en-de.{split}.tsv"  # device_s2t.sh's default, from the root
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +87,92 @@ def test_compact_refuses_what_is_no_checkpoint(tmp_path):
         f"[compact] --checkpoint {tmp_path / 'other.pt'}: not a fairseq checkpoint (no model "
         "and cfg)")
     assert not (tmp_path / "c.pt").exists()
+
+
+def recipe(*arguments, check=True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "s2t_recipe.py"), *map(
+        str, arguments)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert not check or done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def received(device_run, tmp_path_factory):
+    """The two test sets synthesised here (``--splits``) with the smoke run's settings, then
+    ``receive`` of its output into ``data``."""
+    _, out = device_run
+    root = tmp_path_factory.mktemp("received")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tts_corpus.py"),
+                           "--corpus", CORPUS, "--out", str(root / "tts"), "--max-test", "4",
+                           "--splits", "tst-COMMON,tst-HE", "--jobs", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    recipe("receive", "--from", out, "--data-root", root / "tts", "--out", root / "data")
+    return root
+
+
+def digests(folder: Path) -> dict:
+    return {path.name: hashlib.md5(path.read_bytes()).hexdigest()
+            for path in sorted(folder.glob("*.wav"))}
+
+
+def test_receive_sets_up_the_same_test_sets_and_the_checkpoints(device_run, received):
+    work, out = device_run
+    data = received / "data"
+    assert sorted(path.name for path in (received / "tts" / "en-de" / "data").iterdir()) == \
+        ["tst-COMMON", "tst-HE"]
+    for split in ("tst-COMMON", "tst-HE"):  # the same audio on both machines
+        wavs = [root / "tts" / "en-de" / "data" / split / "wav" for root in (work, received)]
+        assert digests(wavs[0]) == digests(wavs[1]) != {}
+    for test_set in ("eval", "heldout"):
+        assert (data / f"{test_set}.de").read_text() == \
+            (work / "data" / f"{test_set}.de").read_text()
+        assert len((data / f"{test_set}.wav_list").read_text().splitlines()) == 4
+    config = (data / "config_st.yaml").read_text()
+    assert str((data / "spm_st.model").resolve()) in config and str(work) not in config
+    for attn_type in ATTN_TYPES:
+        assert (data / "runs" / f"st_{attn_type}_k5" / "checkpoint_last.pt").read_bytes() == \
+            (out / f"st_{attn_type}_k5.pt").read_bytes()
+
+
+def test_received_models_score_as_on_the_device_side(device_run, received):
+    """The compact LeaP checkpoint evaluated from the received folder and from the device's own
+    folder: the same hypotheses, BLEU and (non-computation-aware) latency."""
+    work, out = device_run
+    device_run_dir = work / "data" / "runs" / "st_leap_k5"
+    shutil.copyfile(out / "st_leap_k5.pt", device_run_dir / "compact.pt")
+    scores = {}
+    for side, data, name in (("here", received / "data", "checkpoint_last.pt"),
+                             ("device", work / "data", "compact.pt")):
+        recipe("evaluate", "--data", data, "--attn-types", "leap", "--sentences", "2",
+               "--test-set", "heldout", "--checkpoint-name", name)
+        instances = [json.loads(line) for line in
+                     (data / "heldout" / "leap_k5" / "instances.log").read_text().splitlines()]
+        scores[side] = [(i["prediction"], i["delays"]) for i in instances]
+        assert len(instances) == 2
+    assert scores["here"] == scores["device"]
+
+
+def test_receive_refuses_a_synthesis_with_other_settings(device_run, received, tmp_path):
+    _, out = device_run
+    local = tmp_path / "tts" / "en-de" / "tts_corpus.json"
+    local.parent.mkdir(parents=True)
+    settings = json.loads((received / "tts" / "en-de" / "tts_corpus.json").read_text())
+    local.write_text(json.dumps({**settings, "seed": 2}))
+    done = recipe("receive", "--from", out, "--data-root", tmp_path / "tts", "--out",
+                  tmp_path / "data", check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == \
+        f"[s2t] receive: {local}: seed is 2, the device synthesised with 1"
+    assert not (tmp_path / "data").exists()
+    local.write_text(json.dumps({**settings, "pairs": {**settings["pairs"], "tst-HE": 3}}))
+    done = recipe("receive", "--from", out, "--data-root", tmp_path / "tts", "--out",
+                  tmp_path / "data", check=False)
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"[s2t] receive: {local}: tst-HE has 3 pairs, the device's 4 (make_tts_corpus.py "
+        "--max-test)")
+    done = recipe("receive", "--from", tmp_path, "--data-root", tmp_path / "tts", "--out",
+                  tmp_path / "data", check=False)
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"[s2t] receive: {tmp_path / 'data.tgz'} not found; --from is the OUT folder of "
+        "scripts/device_s2t.sh")

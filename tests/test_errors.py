@@ -232,6 +232,8 @@ def test_tts_corpus_refuses_unknown_voices_and_an_out_it_did_not_write(tmp_path)
         "never hears")
     assert refusal(run_script, MAKE_TTS, [*options, "--heldout-voices", "xx"]).startswith(
         "[tts] --heldout-voices: espeak-ng does not know voice 'xx'")
+    assert refusal(run_script, MAKE_TTS, [*options, "--splits", "tst-COMMON,test"]) == \
+        "[tts] --splits: test; choose from train,dev,tst-COMMON,tst-HE"
     train = out / "en-de" / "data" / "train"
     train.mkdir(parents=True)
     (train / "notes.txt").write_text("mine\n")

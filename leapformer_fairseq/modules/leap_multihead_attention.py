@@ -31,6 +31,12 @@ Derived = TypeVar("Derived")
 # "causal blockwise".
 SHORT_FORM_MAX_LENGTH = {"cpu": 128}
 
+# Rows per recomputed block of the causal blockwise form (``block_size``): each block costs a
+# fixed amount of autograd bookkeeping besides its arithmetic, and working memory grows with the
+# block; 512 measured about 10% faster than 256 at 8,192 tokens on the CPU, its peak memory
+# still below fairseq softmax's there (docs/benchmarks.md).
+BLOCK_SIZE = 512
+
 # the incremental buffers of the linear types held per head, (B * H, ...): the recurrent state
 PER_HEAD_BUFFERS = ("kv_state", "k_sum")
 
@@ -131,7 +137,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         waitk_lagging: Optional[int] = None,
         unit_causal: bool = False,
         chunk_size: int = 32,
-        block_size: int = 256,
+        block_size: int = BLOCK_SIZE,
         short_form_max_length: Optional[int] = None,
         **fairseq_kwargs,
     ):
@@ -386,6 +392,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         if dropout_active:  # q and k only from the fused projection
             values = self.dropout_module(self._split_heads(self.v_proj(x)))
         weight, bias = self._qkv_projection(2 if dropout_active else 3)
+        parameters = self._side_parameters("qk")
 
         def feature_map(
             x_block: Tensor, rows: slice
@@ -393,14 +400,13 @@ class LeaPMultiheadAttention(MultiheadAttention):
             x_block = x_block.transpose(0, 1)
             block_positions = None if positions is None else positions[:, rows]
             qkv = self._self_projections(x_block, weight, bias)
-            q, k = self._features(qkv[:2], "qk", block_positions)
+            q, k = self._features(qkv[:2], "qk", block_positions, parameters)
             return q, k, None if dropout_active else qkv[2]
 
-        # the fused weights are what the blocks read: their gradients flow on to the
-        # projections' parameters through _qkv_projection
+        # the fused and stacked weights, built once, are what the blocks read: their gradients
+        # flow on to the modules' parameters through _qkv_projection and _side_parameters
         feature_params = [weight, *([] if bias is None else [bias])]
-        for feature_map_module in self._feature_map_modules():
-            feature_params += [*feature_map_module.parameters()]
+        feature_params += [tensor for pair in parameters.values() for tensor in pair]
         return ops.blockwise_causal_linear_attention(
             x.transpose(0, 1), feature_map, feature_params, values, self.chunk_size,
             self.block_size, mask, self.eps,
@@ -734,13 +740,16 @@ class LeaPMultiheadAttention(MultiheadAttention):
             return stacked
         return self._derive("features " + side, self._feature_map_modules, build)
 
-    def _features(self, u: Tensor, side: str, positions: Optional[Tensor]) -> Tensor:
+    def _features(self, u: Tensor, side: str, positions: Optional[Tensor],
+                  parameters: Optional[Dict[str, Tuple[Tensor, ...]]] = None) -> Tensor:
         """Projections -> features ``phi``, ``F`` wide (:meth:`_feature_dim`): ``(N, L, d) ->
         (N, L, F)`` for ``side`` ``q`` or ``k``; ``(2, N, L, d) -> (2, N, L, F)`` for ``qk``
-        (queries then keys, in one pass)."""
+        (queries then keys, in one pass). ``parameters``: :meth:`_side_parameters` of ``side``,
+        where the caller built them once for many calls."""
         stacked = u if side == "qk" else u.unsqueeze(0)
         sides, n, length, dim = stacked.shape
-        parameters = self._side_parameters(side)
+        if parameters is None:
+            parameters = self._side_parameters(side)
         rows = stacked.reshape(sides, n * length, dim)
         if self._hedgehog:
             features = ops.softmax_features(ops.stacked_linear(rows, *parameters["hedgehog"]))

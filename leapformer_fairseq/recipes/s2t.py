@@ -5,6 +5,7 @@
     python scripts/s2t_recipe.py train-st --data work/s2t-en-de --config s2t/st_base
     python scripts/s2t_recipe.py evaluate --data work/s2t-en-de --attn-types leap,softmax --waitk 5
     python scripts/s2t_recipe.py demo      # TTS slice -> all of the above, tiny models (make demo)
+    python scripts/s2t_recipe.py receive --from DEVICE_OUT --data-root TTS_ROOT --out DATA
 
 ``prepare`` runs ``scripts/prep_mustc.py`` (the real MuST-C layout, or the output of
 ``scripts/make_tts_corpus.py``) and cuts the evaluation split's segments into wav files for
@@ -14,11 +15,14 @@ encoder initialised from that ASR model (``--load-pretrained-encoder-from``). ``
 the ``simuleval`` CLI with the speech agent and ``--computation-aware``, then re-scores each
 run's instances.log with SimulEval's own scorers for plain and computation-aware latency side by
 side (:mod:`leapformer_fairseq.simuleval_scores`; SimulEval 1.1.4's ``--computation-aware`` makes
-its plain columns computation-aware too).
+its plain columns computation-aware too). ``receive`` sets up the evaluation here of the ST
+models that ``scripts/device_s2t.sh`` trained on another machine (docs/recipes.md).
 """
 import argparse
 import json
+import shutil
 import sys
+import tarfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -51,8 +55,9 @@ from leapformer_fairseq.recipes.config import (
     run_label,
     train_run,
 )
-from leapformer_fairseq.recipes.mustc import load_talk, read_split
+from leapformer_fairseq.recipes.mustc import load_talk, read_split, write_config
 from leapformer_fairseq.recipes.tts import HELDOUT_SPLIT
+from leapformer_fairseq.recipes.tts import MARKER as TTS_MARKER
 from leapformer_fairseq.simuleval_scores import (
     plain_and_computation_aware_scores,
     write_scores_tsv,
@@ -66,6 +71,11 @@ TEST_SETS = {  # evaluation set -> what prepare cut into it; results go to OUT/<
     "eval": "prepare's --eval-split (default)",
     "heldout": "prepare's --heldout-split",
 }
+# what scripts/device_s2t.sh hands back besides the st_<run>.pt checkpoints, and the settings of
+# make_tts_corpus.py that decide the test audio (so both machines' test sets are the same audio)
+DEVICE_FILES = ("data.tgz", TTS_MARKER)
+TTS_SETTINGS = ("corpus", "src", "tgt", "per_talk", "voices", "heldout_voices", "speeds",
+                "pause", "seed")
 TABLE_COLUMNS = ("BLEU", *[f"{m}{suffix}" for m in LATENCY_METRICS for suffix in ("", "_CA")])
 RECIPE = Recipe("s2t")
 log, run = RECIPE.log, RECIPE.run
@@ -211,6 +221,56 @@ def evaluate(args) -> None:
                          [("AL", "o-"), ("AL_CA", "s--")], "latency (ms)")
 
 
+# ---------------------------------------------------------------------------- receive
+def receive(args) -> None:
+    """Evaluation data for the ST models scripts/device_s2t.sh trained elsewhere: its prepared
+    files (``data.tgz``) with the data configs rewritten for ``--out``, the test sets cut from
+    ``--data-root``, a local synthesis with the device's settings (checked against its
+    ``tts_corpus.json``), and each ``st_<run>.pt`` as ``runs/st_<run>/checkpoint_last.pt``."""
+    source, out, data_root = Path(args.from_dir), Path(args.out), Path(args.data_root)
+    for name in DEVICE_FILES:
+        if not (source / name).is_file():
+            raise RECIPE.fail(f"receive: {source / name} not found; --from is the OUT folder "
+                              "of scripts/device_s2t.sh")
+    checkpoints = sorted(source.glob("st_*.pt"))
+    if not checkpoints:
+        raise RECIPE.fail(f"receive: no st_*.pt checkpoint in {source}")
+    device = json.loads((source / TTS_MARKER).read_text())
+    local_path = data_root / f"{device['src']}-{device['tgt']}" / TTS_MARKER
+    if not local_path.is_file():
+        raise RECIPE.fail(f"receive: {local_path} not found; synthesise the test sets here "
+                          "first (make_tts_corpus.py --splits tst-COMMON,tst-HE with the "
+                          f"device's settings, {source / TTS_MARKER})")
+    local = json.loads(local_path.read_text())
+    with tarfile.open(source / "data.tgz") as archive:
+        recipe = json.load(archive.extractfile("recipe.json"))
+    test_sets = {"eval": recipe["eval"], "heldout": recipe["heldout"]}
+    for key in TTS_SETTINGS:
+        if local.get(key) != device[key]:
+            raise RECIPE.fail(f"receive: {local_path}: {key} is {local.get(key)!r}, the device "
+                              f"synthesised with {device[key]!r}")
+    for split in filter(None, test_sets.values()):
+        pairs, expected = local["pairs"].get(split), device["pairs"][split]
+        if pairs != expected:
+            raise RECIPE.fail(f"receive: {local_path}: {split} has {pairs} pairs, the device's "
+                              f"{expected} (make_tts_corpus.py --max-test)")
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(source / "data.tgz") as archive:
+        archive.extractall(out, filter="data")
+    for task in ("asr", "st"):  # the prepared configs name the device's paths
+        write_config(out, task)
+    for test_set, split in test_sets.items():
+        if split:
+            cut_eval_segments(data_root, recipe["lang"], split, out, False, 0, test_set)
+    for checkpoint in checkpoints:
+        run = out / "runs" / checkpoint.stem
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(checkpoint, run / "checkpoint_last.pt")
+        log(f"receive: {checkpoint} -> {run / 'checkpoint_last.pt'}")
+    log(f"receive: done -> {out}; evaluate with: python scripts/s2t_recipe.py evaluate --data "
+        f"{out} --attn-types ... --waitk ... --test-set eval (then heldout)")
+
+
 # ------------------------------------------------------------------------------- demo
 def demo(args) -> None:
     """Synthesise a slice of the built-in gettext-mt data, prepare it, train a tiny ASR and a
@@ -296,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="SimulEval runs in parallel")
     p.add_argument("--shards", type=int, default=1, help=SHARDS_HELP)
     p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("receive", help="evaluation data for the models device_s2t.sh "
+                            "trained on another machine")
+    p.add_argument("--from", dest="from_dir", required=True,
+                   help="device_s2t.sh's OUT: data.tgz, tts_corpus.json, st_<run>.pt")
+    p.add_argument("--data-root", required=True,
+                   help="make_tts_corpus.py --out of a synthesis here with the device's settings "
+                        "(at least --splits tst-COMMON,tst-HE)")
+    p.add_argument("--out", required=True, help="the data folder evaluate --data reads")
+    p.set_defaults(run=receive)
 
     p = commands.add_parser("demo", help="TTS slice -> prepare -> tiny ASR -> tiny ST -> eval")
     p.add_argument("--out", default=str(ROOT / "work" / "demo-s2t"))

@@ -9,7 +9,9 @@ Writes ``OUT/<src>-<tgt>/data/<split>/wav/<talk>.wav`` and ``.../txt/<split>.{ya
 for the MuST-C splits ``train``, ``dev`` and ``tst-COMMON`` (from the corpus' train, valid and
 test), so ``scripts/prep_mustc.py`` reads it like real MuST-C. ``tst-HE`` holds the test pairs
 again, spoken by ``--heldout-voices``, which no other split uses: whether a model learned speech
-or the training voices. Consecutive utterances are grouped
+or the training voices. ``--splits`` writes some of the splits only (e.g. the two test sets,
+to evaluate here a model trained elsewhere on the same corpus: the audio is a function of the
+corpus and the settings). Consecutive utterances are grouped
 into talks of ``--per-talk`` utterances: one 16 kHz mono int16 wav each, the utterances separated
 by seeded pauses, one voice and speed per talk (seeded). The yaml lists one segment per utterance
 (``duration``, ``offset`` in seconds, ``speaker_id``, ``wav``) in the order of the text lines.
@@ -37,6 +39,7 @@ from leapformer_fairseq.recipes.common import Recipe, atomic_output, read_tsv_pa
 
 SPLITS = {"train": "train", "valid": "dev", "test": "tst-COMMON"}  # corpus -> MuST-C
 HELDOUT_SPLIT = "tst-HE"  # the test pairs in the held-out voices
+MUSTC_SPLITS = (*SPLITS.values(), HELDOUT_SPLIT)
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb+m3")  # espeak-ng voice[+variant], by default
 HELDOUT_VOICES = ("en-gb-x-rp+m5", "en-us-nyc+f4")  # other accents and variants
 SPEEDS = (140, 165, 190)  # words per minute
@@ -173,11 +176,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--pause", type=float, nargs=2, default=[0.3, 0.7],
                         metavar=("MIN", "MAX"), help="seconds of silence around utterances")
     parser.add_argument("--seed", type=int, default=1, help="voices, speeds and pauses")
+    parser.add_argument("--splits", default=",".join(MUSTC_SPLITS),
+                        help="the MuST-C splits to write, comma-separated (default: all); e.g. "
+                             f"tst-COMMON,{HELDOUT_SPLIT}: only the test sets, which are the same "
+                             "audio wherever the same corpus and settings are synthesised")
     parser.add_argument("--jobs", type=int, default=4, help="espeak-ng processes in parallel")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # parallel over utterances (--jobs); small tensors contend
     args.voices = [voice for voice in args.voices.split(",") if voice]
     args.heldout_voices = [voice for voice in args.heldout_voices.split(",") if voice]
+    args.splits = [split for split in args.splits.split(",") if split]
+    unknown = [split for split in args.splits if split not in MUSTC_SPLITS]
+    if unknown or not args.splits:
+        raise SystemExit(f"[tts] --splits: {unknown[0] if unknown else 'none given'}; choose "
+                         f"from {','.join(MUSTC_SPLITS)}")
     try:
         args.speeds = [int(speed) for speed in args.speeds.split(",") if speed]
     except ValueError:
@@ -197,17 +209,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_voices(args.voices, "--voices")
     check_voices(args.heldout_voices, "--heldout-voices")
 
+    plan = [(split, mustc_split, args.voices) for split, mustc_split in SPLITS.items()]
+    if args.heldout_voices:
+        plan.append(("test", HELDOUT_SPLIT, args.heldout_voices))
+    plan = [step for step in plan if step[1] in args.splits]
     pairs: Dict[str, List[Tuple[str, str]]] = {}
-    for split in SPLITS:
+    for split in {split for split, _, _ in plan}:
         pairs[split] = read_tsv_pairs(args.corpus, split, args.src, args.tgt, "tts", "read")
         limit = getattr(args, f"max_{split}")
         if limit:
             pairs[split] = pairs[split][:limit]
-    plan = [(split, mustc_split, args.voices) for split, mustc_split in SPLITS.items()]
-    if args.heldout_voices:
-        plan.append(("test", HELDOUT_SPLIT, args.heldout_voices))
     out = Path(args.out) / f"{args.src}-{args.tgt}"
-    clear_output(out, [*SPLITS.values(), HELDOUT_SPLIT])
+    clear_output(out, MUSTC_SPLITS)
     out.mkdir(parents=True, exist_ok=True)
     settings = {
         "corpus": args.corpus, "src": args.src, "tgt": args.tgt, "per_talk": args.per_talk,
