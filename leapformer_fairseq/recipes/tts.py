@@ -214,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         plan.append(("test", HELDOUT_SPLIT, args.heldout_voices))
     plan = [step for step in plan if step[1] in args.splits]
     pairs: Dict[str, List[Tuple[str, str]]] = {}
-    for split in {split for split, _, _ in plan}:
+    for split in dict.fromkeys(split for split, _, _ in plan):  # in plan order
         pairs[split] = read_tsv_pairs(args.corpus, split, args.src, args.tgt, "tts", "read")
         limit = getattr(args, f"max_{split}")
         if limit:
