@@ -427,7 +427,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         bsz = query.size(1)
         q_positions = self._positions(None, query.size(0), bsz, query.device)
         k_positions = self._positions(key_padding_mask, key.size(0), bsz, key.device)
-        q = self._features(self._split_heads(self.q_proj(query) * self.scaling), "q", q_positions)
+        q = self._features(self._split_heads(F.linear(query, *self._qkv_projection(1))),
+                           "q", q_positions)
         k = self._features(self._split_heads(self.k_proj(key)), "k", k_positions)
         v = self.dropout_module(self._split_heads(self.v_proj(value)))
         mask = self._per_head(key_padding_mask)
@@ -511,7 +512,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         state, _ = self._load_state(buffer, bsz, "key_position", query)
         query_position = self._position(buffer, "query_position", bsz, query.device)
         q_positions = self._positions(None, query.size(0), bsz, query.device, query_position)
-        q = self._features(self._split_heads(self.q_proj(query) * self.scaling), "q", q_positions)
+        q = self._features(self._split_heads(F.linear(query, *self._qkv_projection(1))),
+                           "q", q_positions)
         if query_position is not None:
             buffer["query_position"] = query_position + query.size(0)
         self._set_input_buffer(incremental_state, buffer)
@@ -706,9 +708,10 @@ class LeaPMultiheadAttention(MultiheadAttention):
         return super().train(mode)
 
     def _qkv_projection(self, sides: int = 3) -> Tuple[Tensor, Optional[Tensor]]:
-        """``q_proj`` (times fairseq's query scaling), ``k_proj`` and, with ``sides=3``,
-        ``v_proj`` as one ``(S C, C)`` weight and ``(S C,)`` bias (``None`` without biases),
-        rows head by head: the output viewed ``(..., H, S, d)`` (:meth:`_self_projections`)."""
+        """``q_proj`` (times fairseq's query scaling), then ``k_proj`` and ``v_proj`` up to
+        ``sides`` (1: the scaled query projection alone, cross-attention's) as one ``(S C, C)``
+        weight and ``(S C,)`` bias (``None`` without biases), rows head by head: the output
+        viewed ``(..., H, S, d)`` (:meth:`_self_projections`)."""
         def projections() -> Tuple[nn.Module, ...]:
             return (self.q_proj, self.k_proj, self.v_proj)[:sides]
 
