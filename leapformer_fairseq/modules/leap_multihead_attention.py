@@ -9,7 +9,9 @@ the forms in :mod:`leapformer_fairseq.ops` (causal self-attention builds no ``L 
 features (``leap_feature_map``). Which form runs for which call is chosen in one place,
 :meth:`LeaPMultiheadAttention.select_form`, from the table ``FORMS``.
 """
-from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,18 @@ LEAP_FEATURE_MAPS = ("relu", "hedgehog")
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 Derived = TypeVar("Derived")
+
+
+class StepParameters(NamedTuple):
+    """The parameters the decode step reads: the fused ``(3 C, C)`` q/k/v projection
+    (:meth:`LeaPMultiheadAttention._qkv_projection`), the feature maps' stacked parameters of
+    both sides (``_side_parameters("qk")``) and ``out_proj``'s weight and bias."""
+
+    qkv_weight: Tensor
+    qkv_bias: Optional[Tensor]
+    features: Dict[str, Tuple[Tensor, ...]]
+    out_weight: Tensor
+    out_bias: Optional[Tensor]
 
 # Causal self-attention of at most this many rows takes the short form ("causal short"), per
 # device type, from the cut-over sweep ``python benchmarks/attention.py --sections cutover``
@@ -480,15 +494,15 @@ class LeaPMultiheadAttention(MultiheadAttention):
         bsz = x.size(1)
         state, position = self._load_state(buffer, bsz, "position", x)
         positions = self._positions(None, 1, bsz, x.device, position)
-        qkv = self._self_projections(x, *self._qkv_projection())
-        q, k = self._features(qkv[:2], "qk", positions)
+        step = self._step_parameters()
+        qkv = self._self_projections(x, step.qkv_weight, step.qkv_bias)
+        q, k = self._features(qkv[:2], "qk", positions, step.features).unbind(0)
         v = self.dropout_module(qkv[2]) if self._dropout_active() else qkv[2]
         state, out = ops.recurrent_step(state, q, k, v, self.eps)
         self._store_state(buffer, state, None if position is None else position + 1, "position")
         self._set_input_buffer(incremental_state, buffer)
         # (B * H, 1, d) holds the same numbers as (1, B, C): no transpose
-        return F.linear(out.view(1, bsz, self.embed_dim), self.out_proj.weight,
-                        self.out_proj.bias)
+        return F.linear(out.view(1, bsz, self.embed_dim), step.out_weight, step.out_bias)
 
     def _cross_attention_step(
         self,
@@ -651,8 +665,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
 
     def _dropout_active(self) -> bool:
         """Whether ``dropout_module`` changes its input (the values) now."""
-        return self.dropout_module.p > 0 and (
-            self.training or self.dropout_module.apply_during_inference)
+        dropout = self.dropout_module
+        return (self.training or dropout.apply_during_inference) and dropout.p > 0
 
     def _hedgehog_features(self) -> bool:
         """Whether the features are Hedgehog's (``hedgehog``, or ``leap`` re-weighting them)."""
@@ -727,6 +741,15 @@ class LeaPMultiheadAttention(MultiheadAttention):
                 return weight, None
             return weight, interleave([projection.bias for projection in projections()])
         return self._derive("qkv"[:sides], projections, build)
+
+    def _step_parameters(self) -> StepParameters:
+        """What the ``step`` form reads of the parameters, kept as one derived value (one
+        look-up per token instead of one per part)."""
+        def build() -> StepParameters:
+            return StepParameters(*self._qkv_projection(), self._side_parameters("qk"),
+                                  self.out_proj.weight, self.out_proj.bias)
+        return self._derive("step", lambda: (self.q_proj, self.k_proj, self.v_proj,
+                                             self.out_proj, *self._feature_map_modules()), build)
 
     def _side_parameters(self, side: str) -> Dict[str, Tuple[Tensor, ...]]:
         """Each feature-map layer's parameters stacked over the sides of ``side`` (a key of
