@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import random
 import resource
 import shlex
 import statistics
@@ -173,48 +174,61 @@ def measure_cutover(length: int, batch: int, args) -> Dict:
     return {"time_s": {form: min(samples) for form, samples in times.items()}}
 
 
-def measure_decode(method: str, positions: List[int], args) -> List[Dict]:
-    """Per-token decode time at each position, and the bytes its incremental state holds.
+def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]:
+    """Per-token decode time of each method at each position, and the bytes its incremental
+    state holds.
 
-    All positions are timed in one process, round-robin, each from a copy of its state (so
-    every timed step is at that position); the minimum over rounds of the median step time
-    discounts scheduler noise.
+    The methods are timed side by side in one process: step by step, in an order shuffled
+    every step, each from a copy of its state at that position (so every timed step is at that
+    position, and a slow spell of this shared machine or the cache left by the previous step
+    falls on every method alike). A step time is the minimum over rounds of the median step.
     """
-    torch.manual_seed(0)
     torch.set_num_threads(args.decode_threads)
     device, embed_dim = args.device, args.embed_dim
-    if method == "fairseq_softmax":
-        module = MultiheadAttention(embed_dim, args.heads, self_attention=True)
-    else:
-        module = LeaPMultiheadAttention(embed_dim, args.heads, self_attention=True,
-                                        causal=True, **attention_options(method))
-    module = module.to(device).eval()
+    modules = {}
+    for method in methods:
+        torch.manual_seed(0)
+        if method == "fairseq_softmax":
+            module = MultiheadAttention(embed_dim, args.heads, self_attention=True)
+        else:
+            module = LeaPMultiheadAttention(embed_dim, args.heads, self_attention=True,
+                                            causal=True, **attention_options(method))
+        modules[method] = module.to(device).eval()
     token = torch.randn(1, 1, embed_dim, device=device)
     states, state_bytes = {}, {}
+    order = random.Random(0)
     with torch.no_grad():
-        for position in positions:  # a state holding ``position`` tokens
-            state: Dict = {}
-            prefix = torch.randn(position, 1, embed_dim, device=device)
-            module(prefix, prefix, prefix, incremental_state=state, need_weights=False)
-            buffer = module._get_input_buffer(state)
-            states[position] = state
-            state_bytes[position] = sum(t.numel() * t.element_size()
-                                        for t in buffer.values() if t is not None)
-        rounds: Dict[int, List[float]] = {position: [] for position in positions}
+        for method, module in modules.items():
+            for position in positions:  # a state holding ``position`` tokens
+                state: Dict = {}
+                prefix = torch.randn(position, 1, embed_dim, device=device)
+                module(prefix, prefix, prefix, incremental_state=state, need_weights=False)
+                buffer = module._get_input_buffer(state)
+                states[method, position] = state
+                state_bytes[method, position] = sum(t.numel() * t.element_size()
+                                                    for t in buffer.values() if t is not None)
+        rounds: Dict = {key: [] for key in states}
         for _ in range(args.decode_rounds):
             for position in positions:
-                times = []
+                times: Dict[str, List[float]] = {method: [] for method in modules}
                 for _ in range(args.decode_steps):
-                    step_state = {key: dict(value) for key, value in states[position].items()}
-                    synchronize(device)
-                    start = time.perf_counter()
-                    module(token, token, token, incremental_state=step_state,
-                           need_weights=False)
-                    synchronize(device)
-                    times.append(time.perf_counter() - start)
-                rounds[position].append(statistics.median(times))
-    return [{"position": p, "step_time_s": min(rounds[p]), "state_bytes": state_bytes[p]}
-            for p in positions]
+                    shuffled = list(modules)
+                    order.shuffle(shuffled)
+                    for method in shuffled:
+                        step_state = {key: dict(value)
+                                      for key, value in states[method, position].items()}
+                        synchronize(device)
+                        start = time.perf_counter()
+                        modules[method](token, token, token, incremental_state=step_state,
+                                        need_weights=False)
+                        synchronize(device)
+                        times[method].append(time.perf_counter() - start)
+                for method, samples in times.items():
+                    rounds[method, position].append(statistics.median(samples))
+    return [{"method": method, "position": position,
+             "step_time_s": min(rounds[method, position]),
+             "state_bytes": state_bytes[method, position]}
+            for method in methods for position in positions]
 
 
 def run_child(task: Dict, args) -> Dict:
@@ -239,7 +253,7 @@ def child_main(task: Dict, args) -> None:
     elif task["kind"] == "cutover":
         result = measure_cutover(task["length"], task["batch"], args)
     else:
-        result = {"rows": measure_decode(task["method"], task["positions"], args)}
+        result = {"rows": measure_decode(task["methods"], task["positions"], args)}
     print(json.dumps(result))
 
 
@@ -527,7 +541,7 @@ def parse_args(argv=None):
                         help="times every training configuration is measured, round-robin over "
                              "all of them; the minimum over rounds is kept")
     parser.add_argument("--decode-steps", type=int, default=50,
-                        help="timed decode steps per round")
+                        help="timed decode steps of each method per position and round")
     parser.add_argument("--decode-rounds", type=int, default=20,
                         help="rounds of decode steps; the minimum of their medians is kept")
     parser.add_argument("--decode-threads", type=int, default=1,
@@ -673,17 +687,15 @@ def measure_train_section(methods: List[str], lengths: List[int], args) -> List[
 
 
 def measure_decode_section(positions: List[int], args) -> List[Dict]:
-    decode = []
-    for method in DECODE_METHODS:
-        task = {"kind": "decode", "method": method, "positions": positions}
-        result = run_child(task, args)
-        rows = result.get("rows") or [{"position": p, "error": result["error"]}
-                                      for p in positions]
-        for row in rows:
-            decode.append({"method": method, **row})
-            print(f"[decode] {method:16s} position {row['position']:5d} step "
-                  f"{fmt_time(row.get('step_time_s'))} ms  state "
-                  f"{row.get('state_bytes', '-')} B {row.get('error', '')}", flush=True)
+    """Every method of ``DECODE_METHODS`` at every position, side by side in one child."""
+    task = {"kind": "decode", "methods": list(DECODE_METHODS), "positions": positions}
+    result = run_child(task, args)
+    decode = result.get("rows") or [{"method": method, "position": p, "error": result["error"]}
+                                    for method in DECODE_METHODS for p in positions]
+    for row in decode:
+        print(f"[decode] {row['method']:16s} position {row['position']:5d} step "
+              f"{fmt_time(row.get('step_time_s'))} ms  state "
+              f"{row.get('state_bytes', '-')} B {row.get('error', '')}", flush=True)
     return decode
 
 
