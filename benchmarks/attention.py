@@ -6,7 +6,8 @@ per-token decode time against position (softmax with a key/value cache vs LeaP's
 state); and the cut-over sweep of causal LeaP's short form (one masked L x L chunk) against its
 blockwise form at sentence lengths, which sets ``SHORT_FORM_MAX_LENGTH``. Every measurement runs
 in its own child process, so peak memory is that of one configuration and an out-of-memory
-softmax is recorded instead of ending the run.
+softmax is recorded instead of ending the run; the decode steps of all methods share one, to be
+timed side by side.
 
     python benchmarks/attention.py                      # CPU, full sweep (make benchmark)
     python benchmarks/attention.py --device cuda        # GPU, when one is available
@@ -47,6 +48,7 @@ METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosf
            "leap_hedgehog")
 DECODE_METHODS = ("fairseq_softmax", "leap", "leap_hedgehog")
 BASELINE = "fairseq_softmax"
+DECODE_RUN = 10  # timed decode steps of one method in a row (measure_decode)
 SECTIONS = ("train", "decode", "cutover")
 # the forms the cut-over sweep compares, as the module's short_form_max_length (None: the
 # length measured, so the short form runs)
@@ -178,10 +180,11 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
     """Per-token decode time of each method at each position, and the bytes its incremental
     state holds.
 
-    The methods are timed side by side in one process: step by step, in an order shuffled
-    every step, each from a copy of its state at that position (so every timed step is at that
-    position, and a slow spell of this shared machine or the cache left by the previous step
-    falls on every method alike). A step time is the minimum over rounds of the median step.
+    The methods are timed side by side in one process, in short runs of ``DECODE_RUN`` steps in
+    an order shuffled every time (so a slow spell of a shared machine falls on every method
+    alike), each run after one untimed step (so no method pays for the caches the previous
+    method left: softmax's cache at 8,192 positions is 16 MiB), every step from a copy of the
+    state at its position. A step time is the minimum over rounds of the median step.
     """
     torch.set_num_threads(args.decode_threads)
     device, embed_dim = args.device, args.embed_dim
@@ -211,18 +214,20 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
         for _ in range(args.decode_rounds):
             for position in positions:
                 times: Dict[str, List[float]] = {method: [] for method in modules}
-                for _ in range(args.decode_steps):
+                for _ in range(max(1, args.decode_steps // DECODE_RUN)):
                     shuffled = list(modules)
                     order.shuffle(shuffled)
                     for method in shuffled:
-                        step_state = {key: dict(value)
-                                      for key, value in states[method, position].items()}
-                        synchronize(device)
-                        start = time.perf_counter()
-                        modules[method](token, token, token, incremental_state=step_state,
-                                        need_weights=False)
-                        synchronize(device)
-                        times[method].append(time.perf_counter() - start)
+                        for step in range(DECODE_RUN + 1):
+                            step_state = {key: dict(value)
+                                          for key, value in states[method, position].items()}
+                            synchronize(device)
+                            start = time.perf_counter()
+                            modules[method](token, token, token, incremental_state=step_state,
+                                            need_weights=False)
+                            synchronize(device)
+                            if step:  # the first step of a run warms the caches
+                                times[method].append(time.perf_counter() - start)
                 for method, samples in times.items():
                     rounds[method, position].append(statistics.median(samples))
     return [{"method": method, "position": position,
@@ -610,6 +615,10 @@ def main() -> None:
             raise SystemExit(f"--sections {args.sections}: no earlier report {json_path} to "
                              "take the other sections from")
         previous = json.loads(json_path.read_text())
+        if previous["machine"] != report["machine"]:
+            raise SystemExit(f"--sections {args.sections}: {json_path} was measured on another "
+                             f"machine ({previous['machine']}, here {report['machine']}); "
+                             "run every section here, or write elsewhere (--out)")
         report.update({key: previous[key] for key in ("train", "decode", "cutover", "commands")
                        if key in previous})
         report["config"].update({key: previous["config"][key] for key in (
