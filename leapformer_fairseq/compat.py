@@ -10,9 +10,10 @@ Options renamed since a checkpoint was saved are renamed in its args when the mo
 (:func:`rename_args`, called by each model's ``upgrade_args``), so old checkpoints load.
 
 A model built from a checkpoint's saved args must not read the files it was initialised from in
-training (``--load-pretrained-encoder-from``): they may be gone. :func:`record_initialisation`
-turns that option into a record, both when the encoder is loaded for training and in every
-checkpoint fairseq reads (so checkpoints saved before that change load too).
+training (``--load-pretrained-encoder-from``, ``--load-pretrained-decoder-from``): they may be
+gone. :func:`record_initialisation` turns those options into records, both when the model is
+initialised for training and in every checkpoint fairseq reads (so checkpoints saved before that
+change load too).
 """
 import importlib
 from argparse import Namespace
@@ -28,17 +29,25 @@ from omegaconf import OmegaConf, open_dict
 CHECKPOINT_READERS = ("fairseq.checkpoint_utils", "fairseq.distributed.utils")
 
 
+# the options naming a file a component is initialised from, and the records they become
+INITIALISATIONS = {"load_pretrained_encoder_from": "encoder_initialized_from",
+                   "load_pretrained_decoder_from": "decoder_initialized_from"}
+
+
 def record_initialisation(args: Any) -> None:
-    """Move ``load_pretrained_encoder_from`` (a path read when the model is built) to
-    ``encoder_initialized_from`` (a record only) in model args: a Namespace (legacy models, as
-    ours) or a mapping (dataclass configs); anything else, or args without the path, is left
-    as it is."""
+    """Move each option of ``INITIALISATIONS`` (a path read when the model is built) to its
+    record (``encoder_initialized_from``, ``decoder_initialized_from``) in model args: a
+    Namespace (legacy models, as ours) or a mapping (dataclass configs); anything else, or args
+    without the paths, is left as it is."""
     if isinstance(args, Namespace):
         args = vars(args)
-    if isinstance(args, MutableMapping) and args.get("load_pretrained_encoder_from"):
-        with open_dict(args) if OmegaConf.is_config(args) else nullcontext():
-            args["encoder_initialized_from"] = args["load_pretrained_encoder_from"]
-            args["load_pretrained_encoder_from"] = None
+    if not isinstance(args, MutableMapping):
+        return
+    for option, record in INITIALISATIONS.items():
+        if args.get(option):
+            with open_dict(args) if OmegaConf.is_config(args) else nullcontext():
+                args[record] = args[option]
+                args[option] = None
 
 
 def as_namespace(args: Any) -> Any:

@@ -295,9 +295,10 @@ def train_refusal(data: Path, *arguments: str) -> str:
 def test_an_unknown_config_name_lists_the_available_ones(text_data, tmp_path):
     assert train_refusal(text_data, "--config", "t2t/smal") == (
         f"[t2t] train: --config t2t/smal: no configuration {CONFIGS / 't2t' / 'smal.yaml'}; "
-        "available: t2t/base, t2t/demo, t2t/offline_screen, t2t/screen, t2t/small")
+        "available: t2t/base, t2t/demo, t2t/offline_screen, t2t/screen, t2t/small, "
+        "t2t/small_prenorm")
     assert available("t2t train") == ["t2t/base", "t2t/demo", "t2t/offline_screen", "t2t/screen",
-                                      "t2t/small"]
+                                      "t2t/small", "t2t/small_prenorm"]
     missing = tmp_path / "mine.yaml"
     assert train_refusal(text_data, "--config", missing) == \
         f"[t2t] train: --config {missing}: no such file"

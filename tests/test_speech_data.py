@@ -233,6 +233,46 @@ def test_fairseq_task_loads_normalised_features(speech_corpus, task):
             assert bpe.decode(text) == spm_normalised(row["tgt_text"])
 
 
+def test_st_vocabulary_from_a_t2t_prepare_output(speech_corpus, tmp_path):
+    """``--st-vocab-from``: the translations' SentencePiece model and dictionary are the text
+    model's (``t2t_recipe.py prepare``, run here), and fairseq's S2T task reads them."""
+    from fairseq import tasks
+    from fairseq.data import Dictionary
+
+    t2t = tmp_path / "t2t"
+    done = run_script(ROOT / "scripts" / "t2t_recipe.py", "prepare", "--corpus", TSV,
+                      "--out", t2t, "--vocab-size", 300, "--max-train", 200, "--max-valid", 20,
+                      "--max-test", 20)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    out = tmp_path / "prep"
+    mustc.main([str(argument) for argument in (
+        "--data-root", speech_corpus.mustc, "--lang", "de", "--out", out,
+        "--vocab-size-asr", 200, "--st-vocab-from", t2t)])
+    assert (out / "spm_st.model").read_bytes() == (t2t / "spm.model").read_bytes()
+    assert (out / "spm_st.txt").read_bytes() == (t2t / "data-bin" / "dict.de.txt").read_bytes()
+    assert (out / "spm_asr.txt").read_bytes() == (speech_corpus.prep / "spm_asr.txt").read_bytes()
+    fairseq_task = tasks.setup_task(Namespace(
+        task="speech_to_text", data=str(out), config_yaml="config_st.yaml",
+        multitask_config_yaml=None, max_source_positions=6000, max_target_positions=1024,
+        seed=1))
+    t2t_dictionary = Dictionary.load(str(t2t / "data-bin" / "dict.de.txt"))
+    assert fairseq_task.target_dictionary.symbols == t2t_dictionary.symbols
+    fairseq_task.load_dataset("train_st")
+    row = read_manifest(out / "train_st.tsv")[0]
+    text = fairseq_task.target_dictionary.string(fairseq_task.datasets["train_st"][0].target[:-1])
+    assert fairseq_task.build_bpe(None).decode(text) == spm_normalised(row["tgt_text"])
+
+
+def test_st_vocabulary_is_trained_or_copied_not_both(speech_corpus, tmp_path):
+    with pytest.raises(SystemExit, match="--vocab-size-st and --st-vocab-from"):
+        prep_in_process(speech_corpus.mustc, tmp_path / "prep", "--st-vocab-from", tmp_path)
+    with pytest.raises(SystemExit, match=r"--st-vocab-from .*t2t: .*t2t/spm.model not found"):
+        mustc.main([str(argument) for argument in (
+            "--data-root", speech_corpus.mustc, "--lang", "de", "--out", tmp_path / "prep",
+            "--st-vocab-from", tmp_path / "t2t")])
+    assert not (tmp_path / "prep").exists()  # refused before any work
+
+
 def test_other_rates_are_refused_without_resample(speech_corpus, tmp_path):
     """A corpus copy with one talk at 22.05 kHz stereo: refused naming that wav, accepted
     (and resampled) with --resample."""

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 
 import torch
 from fairseq import checkpoint_utils
-from fairseq.data.data_utils import lengths_to_padding_mask
+from fairseq.data import Dictionary
+from fairseq.data.data_utils import infer_language_pair, lengths_to_padding_mask
 from fairseq.incremental_decoding_utils import with_incremental_state
 from fairseq.models import (
     FairseqEncoder,
@@ -172,6 +173,51 @@ class LeaPS2TEncoder(FairseqEncoder):
         }
 
 
+def load_pretrained_decoder(decoder: nn.Module, checkpoint: Path, tgt_dict: Dictionary) -> None:
+    """Copy the decoder of a fairseq ``checkpoint`` (e.g. a text-to-text wait-k model) into
+    ``decoder``. Refused, naming ``--load-pretrained-decoder-from``, unless both decoders have
+    the same parameters and shapes and the checkpoint's target dictionary (``dict.<tgt>.txt``
+    in its task's data folder) is ``tgt_dict``, symbol for symbol."""
+    flag = f"--load-pretrained-decoder-from {checkpoint}"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{flag}: no such checkpoint")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+    theirs = {key.removeprefix("decoder."): value for key, value in state["model"].items()
+              if key.startswith("decoder.")}
+    ours = decoder.state_dict()
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if missing or extra:
+        raise ValueError(
+            f"{flag}: its decoder has other parameters than this model's (missing there: "
+            f"{', '.join(missing[:3]) or '-'}; not here: {', '.join(extra[:3]) or '-'}); the "
+            "two need the same layers, attention types and feature maps, and a pre-norm "
+            "decoder (--decoder-normalize-before)")
+    for key, value in ours.items():
+        if value.shape != theirs[key].shape:
+            raise ValueError(f"{flag}: decoder.{key} is {tuple(theirs[key].shape)} there, "
+                             f"{tuple(value.shape)} here; the decoders' sizes must match")
+    task = state["cfg"]["task"]
+    data = Path(str(task.get("data")).split(":")[0])
+    if not data.is_dir():
+        raise FileNotFoundError(f"{flag}: its task data {data} (holding its target "
+                                "dictionary, to check against this model's) is not there")
+    # fairseq's translation task infers the language pair from its data when not given
+    target = task.get("target_lang") or infer_language_pair(str(data))[1]
+    if not target:
+        raise ValueError(f"{flag}: neither its task ({task.get('_name')}) nor its data {data} "
+                         "names a target language; a text-to-text translation checkpoint is "
+                         "expected")
+    dictionary = data / f"dict.{target}.txt"
+    if not dictionary.is_file():
+        raise FileNotFoundError(f"{flag}: its target dictionary {dictionary} (the checkpoint's "
+                                "task data) is not there to check against this model's")
+    if Dictionary.load(str(dictionary)).symbols != tgt_dict.symbols:
+        raise ValueError(f"{flag}: its target dictionary {dictionary} differs from this "
+                         "model's; prepare the speech data with --st-vocab-from the "
+                         "text-to-text data")
+    decoder.load_state_dict(theirs)
+
+
 @register_model("leapformer_s2t_transformer")
 class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderModel):
     """Speech-to-text transformer with LeaP (or cosFormer, linear, Hedgehog, softmax) attention
@@ -181,6 +227,11 @@ class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderMo
     def add_args(parser):
         S2TTransformerModel.add_args(parser)
         add_attention_args(parser)
+        parser.add_argument("--load-pretrained-decoder-from", metavar="CHECKPOINT",
+                            help="initialise the decoder from this checkpoint's decoder, e.g. "
+                                 "a text-to-text wait-k model with the same decoder "
+                                 "hyper-parameters (pre-norm), trained on the same target "
+                                 "dictionary (s2t_recipe.py prepare --st-vocab-from)")
 
     subsampler_class = Conv1dSubsampler
 
@@ -211,9 +262,10 @@ class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderMo
         """As fairseq's transformer builds itself: args -> ``TransformerConfig`` ->
         ``build_encoder`` and ``build_decoder``.
 
-        ``--load-pretrained-encoder-from`` is consumed: once the encoder is loaded, the option
-        is cleared from ``args`` (the args the trainer saves in every checkpoint) and kept as
-        ``encoder_initialized_from``
+        ``--load-pretrained-encoder-from`` and ``--load-pretrained-decoder-from`` are consumed:
+        once the encoder or decoder is loaded, the option is cleared from ``args`` (the args the
+        trainer saves in every checkpoint) and kept as ``encoder_initialized_from`` or
+        ``decoder_initialized_from``
         (:func:`~leapformer_fairseq.compat.record_initialisation`), so loading the checkpoint
         later never reads the pretrained file again.
         """
@@ -221,10 +273,15 @@ class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderMo
         cls.prepare_args(args)
         cfg = TransformerConfig.from_namespace(as_namespace(args))
         encoder = cls.build_encoder(cfg)
-        record_initialisation(args)
         tgt_dict = task.target_dictionary
         embed_tokens = Embedding(len(tgt_dict), cfg.decoder.embed_dim, tgt_dict.pad())
-        return cls(encoder, cls.build_decoder(cfg, tgt_dict, embed_tokens))
+        decoder = cls.build_decoder(cfg, tgt_dict, embed_tokens)
+        pretrained = getattr(args, "load_pretrained_decoder_from", None)
+        if pretrained:
+            load_pretrained_decoder(decoder, Path(pretrained), tgt_dict)
+            logger.info(f"loaded the decoder from {pretrained}")
+        record_initialisation(args)
+        return cls(encoder, decoder)
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens):
         encoder_out = self.encoder(src_tokens=src_tokens, src_lengths=src_lengths)

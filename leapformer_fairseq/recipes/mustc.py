@@ -12,7 +12,10 @@ txt/<split>.<lang>}`` and writes to OUT:
   English transcript / translation as target);
 * ``gcmvn.npz``: global CMVN statistics of the train split (``mean``, ``std``);
 * ``spm_asr.{model,txt}`` / ``spm_st.{model,txt}``: SentencePiece unigram models of the train
-  targets and their fairseq dictionaries;
+  targets and their fairseq dictionaries; with ``--st-vocab-from T2T_DATA`` the translations'
+  model and dictionary are copied from a ``t2t_recipe.py prepare`` output instead (its
+  ``spm.model`` and ``data-bin/dict.<lang>.txt``), so an ST model's decoder can start from that
+  text model's (``--load-pretrained-decoder-from``);
 * ``config_asr.yaml`` / ``config_st.yaml``: fairseq S2T data configs that apply global CMVN to
   every split.
 
@@ -28,10 +31,11 @@ reads the result with
 (fairseq 0.12 drops a last batch smaller than ``--required-batch-size-multiple``, default 8.)
 """
 import argparse
+import shutil
 import time
 import unicodedata
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import sentencepiece
@@ -182,6 +186,17 @@ def train_spm(texts: Sequence[str], vocab_size: int, prefix: Path, flag: str) ->
     log(f"{prefix}.model: {len(pieces)} pieces ({flag} {vocab_size})")
 
 
+def t2t_vocabulary(t2t_data: Path, lang: str) -> Tuple[Path, Path]:
+    """A ``t2t_recipe.py prepare`` output's SentencePiece model and ``lang`` dictionary
+    (``--st-vocab-from``), checked to be there."""
+    files = (t2t_data / "spm.model", t2t_data / "data-bin" / f"dict.{lang}.txt")
+    for path in files:
+        if not path.is_file():
+            raise SystemExit(f"[prep] --st-vocab-from {t2t_data}: {path} not found (a "
+                             f"t2t_recipe.py prepare output for en-{lang} is expected)")
+    return files
+
+
 def write_config(out: Path, task: str) -> None:
     """fairseq S2T data config: fbank input, the task's SentencePiece model, global CMVN on
     every split (``feature_transforms`` ``'*'``: fairseq looks a split up by name, then
@@ -216,12 +231,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "(refused otherwise)")
     parser.add_argument("--vocab-size-asr", type=int, default=5000,
                         help="SentencePiece vocabulary of the English transcripts")
-    parser.add_argument("--vocab-size-st", type=int, default=8000,
-                        help="SentencePiece vocabulary of the translations")
+    parser.add_argument("--vocab-size-st", type=int,
+                        help="SentencePiece vocabulary of the translations (default 8000)")
+    parser.add_argument("--st-vocab-from", metavar="T2T_DATA",
+                        help="copy the translations' SentencePiece model and dictionary from "
+                             "this t2t_recipe.py prepare output instead of training them")
     parser.add_argument("--min-frames", type=int, default=5,
                         help="skip segments with fewer fbank frames")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small tensors: several threads only contend (10-100x slower)
+    if args.st_vocab_from and args.vocab_size_st is not None:
+        raise SystemExit("[prep] --vocab-size-st and --st-vocab-from: the translations' "
+                         "vocabulary is either trained or copied; pass one")
+    st_vocabulary = args.st_vocab_from and t2t_vocabulary(Path(args.st_vocab_from), args.lang)
+    if args.vocab_size_st is None:
+        args.vocab_size_st = 8000
     splits = [split for split in args.splits.split(",") if split]
     if "train" not in splits:
         raise SystemExit(f"[prep] --splits must include train, got '{args.splits}'")
@@ -251,7 +275,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     log(f"global CMVN of {len(rows['train'])} train segments -> {out / 'gcmvn.npz'}")
     for task, target, vocab_size in (("asr", "en", args.vocab_size_asr),
                                      ("st", "tgt", args.vocab_size_st)):
-        train_spm([row[target] for row in rows["train"]], vocab_size, out / f"spm_{task}",
-                  f"--vocab-size-{task}")
+        if task == "st" and st_vocabulary:
+            for source, suffix in zip(st_vocabulary, (".model", ".txt")):
+                with atomic_output(out / f"spm_st{suffix}") as partial:
+                    shutil.copyfile(source, partial)
+            log(f"{out / 'spm_st'}.{{model,txt}}: copied from {args.st_vocab_from}")
+        else:
+            train_spm([row[target] for row in rows["train"]], vocab_size, out / f"spm_{task}",
+                      f"--vocab-size-{task}")
         write_config(out, task)
     log(f"done -> {out}/config_{{asr,st}}.yaml")

@@ -87,8 +87,10 @@ def prepare(args) -> None:
     run([sys.executable, ROOT / "scripts" / "prep_mustc.py", "--data-root", args.data_root,
          "--lang", args.lang, "--splits", ",".join([args.train_split, args.valid_split,
                                                     args.eval_split]),
-         "--out", out, "--vocab-size-asr", args.vocab_size_asr, "--vocab-size-st",
-         args.vocab_size_st, *(["--resample"] if args.resample else [])], "prepare: prep_mustc")
+         "--out", out, "--vocab-size-asr", args.vocab_size_asr,
+         *(["--vocab-size-st", args.vocab_size_st] if args.vocab_size_st is not None else []),
+         *(["--st-vocab-from", args.st_vocab_from] if args.st_vocab_from else []),
+         *(["--resample"] if args.resample else [])], "prepare: prep_mustc")
     cut_eval_segments(Path(args.data_root), args.lang, args.eval_split, out, args.resample,
                       args.max_eval, "eval")
     if args.heldout_split:
@@ -285,8 +287,8 @@ def demo(args) -> None:
     prepare(argparse.Namespace(
         data_root=str(out / "tts"), lang="de", out=str(out), train_split="train",
         valid_split="dev", eval_split="tst-COMMON", heldout_split=HELDOUT_SPLIT,
-        vocab_size_asr=args.vocab_size, vocab_size_st=args.vocab_size, resample=False,
-        max_eval=0))
+        vocab_size_asr=args.vocab_size, vocab_size_st=args.vocab_size, st_vocab_from=None,
+        resample=False, max_eval=0))
     runs = {}
     for task, updates in (("asr", args.asr_updates), ("st", args.st_updates)):
         try:
@@ -325,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval", type=int, default=0,
                    help="first N segments of each evaluation split")
     p.add_argument("--vocab-size-asr", type=int, default=5000)
-    p.add_argument("--vocab-size-st", type=int, default=8000)
+    p.add_argument("--vocab-size-st", type=int, help="default 8000")
+    p.add_argument("--st-vocab-from", metavar="T2T_DATA",
+                   help="the translations' vocabulary of this t2t_recipe.py prepare output "
+                        "(so train-st can take its decoder: --load-pretrained-decoder-from)")
     p.add_argument("--resample", action="store_true",
                    help="resample / down-mix audio that is not 16 kHz mono")
     p.set_defaults(run=prepare)
