@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,8 @@ def test_the_documented_route_runs_at_tiny_size(tmp_path):
     extra["s2t_recipe.py train-st"] = extra["s2t_recipe.py train-asr"]
     commands = documented_commands()
     assert [f"{Path(c[1]).name} {c[2]}" for c in commands] == list(extra)
-    for command in commands:
+
+    def run(command):
         step = f"{Path(command[1]).name} {command[2]}"
         command = [word.replace("data/gettext-mt-full/", "data/gettext-mt/")
                    .replace("work/t2t-en-de", str(t2t)).replace("work/s2t-en-de", str(s2t))
@@ -166,10 +168,19 @@ def test_the_documented_route_runs_at_tiny_size(tmp_path):
                               capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, (step, (done.stdout + done.stderr)[-3000:])
+
+    for command in commands:
+        run(command)
     assert (s2t / "spm_st.txt").read_bytes() == (t2t / "data-bin" / "dict.de.txt").read_bytes()
-    args = torch.load(s2t / "runs" / "st_leap_k5" / "checkpoint_last.pt",
-                      weights_only=False)["cfg"]["model"]
+    st_checkpoint = s2t / "runs" / "st_leap_k5" / "checkpoint_last.pt"
+    args = torch.load(st_checkpoint, weights_only=False)["cfg"]["model"]
     assert args.load_pretrained_decoder_from is None
     assert args.decoder_initialized_from == str(t2t / "runs" / "leap_k3" / "checkpoint_last.pt")
     assert args.encoder_initialized_from == \
         str(s2t / "runs" / "asr_leap_k5" / "checkpoint_last.pt")
+    # train-st again, its decoder from a copy elsewhere, resumes the run: as for the encoder,
+    # where the run started from may change (the checkpoint replaces it)
+    shutil.copyfile(t2t / "runs" / "leap_k3" / "checkpoint_last.pt", t2t / "copy.pt")
+    run([*commands[-1][:-1], "load-pretrained-decoder-from=work/t2t-en-de/copy.pt"])
+    assert torch.load(st_checkpoint, weights_only=False)["cfg"]["model"] \
+        .decoder_initialized_from == str(t2t / "copy.pt")

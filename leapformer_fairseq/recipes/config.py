@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 
 import yaml
 
+from leapformer_fairseq.compat import INITIALISATIONS
 from leapformer_fairseq.recipes.common import FAIRSEQ_TRAIN, ROOT, Recipe, write_text
 
 CONFIGS = ROOT / "configs"
@@ -47,11 +48,12 @@ RECIPES = ("t2t train", "s2t train-asr", "s2t train-st")
 KEYS = ("recipe", "extends", "fairseq-train")
 # fairseq-train options (by their names in its args) a run may change when it resumes from its
 # checkpoint, or be adopted with: where its data, its checkpoints and the plugin are, the device
-# (and the GPU count fairseq's distributed options default to), the budget, the path of the
-# encoder a speech-translation run started from (the checkpoint replaces it), the arch's name
+# (and the GPU count fairseq's distributed options default to), the budget, the paths of the
+# encoder and decoder a speech-translation run started from (the checkpoint replaces them), the
+# arch's name
 RESUMABLE = ("data", "save_dir", "user_dir", "cpu", "distributed_world_size",
              "distributed_num_procs", "nprocs_per_node", "max_update",
-             "load_pretrained_encoder_from", "encoder_initialized_from", "_name")
+             *INITIALISATIONS.keys(), *INITIALISATIONS.values(), "_name")
 RECORD_LOCK = threading.Lock()
 
 
@@ -590,8 +592,9 @@ def check_resume(save_dir: Path, resolved: Resolved) -> None:
     if trained is None:
         raise ConfigError(f"{checkpoint} records no fairseq-train options (cfg.model) to compare "
                           f"with, and fairseq-train would resume it; {remedy}")
-    # built without the encoder a speech-translation run starts from: the checkpoint replaces it
-    args = Namespace(**{**vars(resolved.args), "load_pretrained_encoder_from": None})
+    # built without the encoder or decoder a speech-translation run starts from: the checkpoint
+    # replaces them
+    args = Namespace(**{**vars(resolved.args), **dict.fromkeys(INITIALISATIONS)})
     changed = changed_options(trained, built_options(args))
     if changed:
         raise ConfigError(
