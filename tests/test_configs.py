@@ -70,7 +70,8 @@ def text_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def speech_data(tmp_path_factory) -> Path:
     """The speech recipe's prepare on noise in the MuST-C layout: 4 segments of 0.8 s per
-    split (train, dev, tst-COMMON), the gettext-mt pairs as transcripts and translations."""
+    split (train, dev, tst-COMMON), the gettext-mt pairs as transcripts and translations;
+    SpecAugment on, so the speech configurations train through its masks."""
     root = tmp_path_factory.mktemp("s2t")
     lines = Path(str(TSV).format(split="train")).read_text(encoding="utf-8").splitlines()[1:]
     pairs = [line.split("\t")[1:] for line in lines if len(line) < 60][:4]
@@ -88,7 +89,10 @@ def speech_data(tmp_path_factory) -> Path:
             (folder / "txt" / f"{split}.{side}").write_text(
                 "".join(pair[index] + "\n" for pair in pairs), encoding="utf-8")
     s2t.main(["prepare", "--data-root", str(root / "mustc"), "--out", str(root / "data"),
-              "--vocab-size-asr", "60", "--vocab-size-st", "60"])
+              "--vocab-size-asr", "60", "--vocab-size-st", "60", "--specaugment", "sm"])
+    for task in ("asr", "st"):  # prepare passed the option on to prep_mustc.py
+        config = yaml.safe_load((root / "data" / f"config_{task}.yaml").read_text())
+        assert config["feature_transforms"][f"train_{task}"][-1] == "specaugment"
     return root / "data"
 
 

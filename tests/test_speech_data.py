@@ -233,6 +233,44 @@ def test_fairseq_task_loads_normalised_features(speech_corpus, task):
             assert bpe.decode(text) == spm_normalised(row["tgt_text"])
 
 
+def test_specaugment_masks_the_train_features_only(speech_corpus, tmp_path):
+    """``--specaugment lb``: fairseq's S2T task reads the train split with masks drawn afresh
+    on every read (whole channel bands and whole frame spans set to one value, the segment's
+    mean; the rest unchanged), the dev split as without the option; ASR and ST alike."""
+    from fairseq import tasks
+
+    out = tmp_path / "prep"
+    prep_in_process(speech_corpus.mustc, out, "--specaugment", "lb")
+    stats = np.load(out / "gcmvn.npz")
+    for task in ("asr", "st"):
+        config = yaml.safe_load((out / f"config_{task}.yaml").read_text(encoding="utf-8"))
+        assert config["specaugment"] == {"time_warp_W": 0, **mustc.SPECAUGMENT_POLICIES["lb"]}
+        fairseq_task = tasks.setup_task(Namespace(
+            task="speech_to_text", data=str(out), config_yaml=f"config_{task}.yaml",
+            multitask_config_yaml=None, max_source_positions=6000, max_target_positions=1024,
+            seed=1))
+        for split in (f"train_{task}", f"dev_{task}"):
+            fairseq_task.load_dataset(split)
+            row = read_manifest(out / f"{split}.tsv")[0]
+            plain = torch.from_numpy((np.load(row["audio"]) - stats["mean"]) / stats["std"])
+            reads = []
+            for seed in range(4):
+                np.random.seed(seed)
+                reads.append(fairseq_task.datasets[split][0].source)
+            if split.startswith("dev"):
+                for source in reads:
+                    torch.testing.assert_close(source, plain)
+                continue
+            assert not all(torch.equal(reads[0], source) for source in reads[1:])  # fresh
+            for source in reads:
+                changed = source != plain
+                rows, columns = changed.all(dim=1), changed.all(dim=0)
+                assert torch.equal(changed, rows[:, None] | columns[None, :])  # bands, spans
+                torch.testing.assert_close(source[changed],
+                                           plain.mean().expand(int(changed.sum())))
+                assert rows.sum() <= 100 and columns.sum() < 27  # time_mask_T, freq_mask_F
+
+
 def test_st_vocabulary_from_a_t2t_prepare_output(speech_corpus, tmp_path):
     """``--st-vocab-from``: the translations' SentencePiece model and dictionary are the text
     model's (``t2t_recipe.py prepare``, run here), and fairseq's S2T task reads them."""

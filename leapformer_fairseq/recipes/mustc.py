@@ -17,7 +17,9 @@ txt/<split>.<lang>}`` and writes to OUT:
   ``spm.model`` and ``data-bin/dict.<lang>.txt``), so an ST model's decoder can start from that
   text model's (``--load-pretrained-decoder-from``);
 * ``config_asr.yaml`` / ``config_st.yaml``: fairseq S2T data configs that apply global CMVN to
-  every split.
+  every split, and with ``--specaugment POLICY`` SpecAugment's masks to the train split's
+  features after it (fairseq draws them afresh each time a segment is read; evaluation and the
+  streaming agents never apply them).
 
 Audio must be 16 kHz mono unless ``--resample`` (down-mix, resample). Segments shorter than
 ``--min-frames`` frames are skipped (and counted). Refused with a message naming the file (and
@@ -197,10 +199,30 @@ def t2t_vocabulary(t2t_data: Path, lang: str) -> Tuple[Path, Path]:
     return files
 
 
-def write_config(out: Path, task: str) -> None:
+# SpecAugment's masks on the train features (fairseq's ``specaugment`` transform, no time warping):
+# N masks of up to F of the 80 channels, N masks of up to T frames but at most p of the segment.
+# "lb" and "ld" are the policies of the SpecAugment paper; "sm" and "ss" cap each time mask at a
+# fifth of the segment, which suits short segments.
+SPECAUGMENT_POLICIES = {
+    "lb": {"freq_mask_N": 1, "freq_mask_F": 27, "time_mask_N": 1, "time_mask_T": 100,
+           "time_mask_p": 1.0},
+    "ld": {"freq_mask_N": 2, "freq_mask_F": 27, "time_mask_N": 2, "time_mask_T": 100,
+           "time_mask_p": 1.0},
+    "sm": {"freq_mask_N": 2, "freq_mask_F": 15, "time_mask_N": 2, "time_mask_T": 70,
+           "time_mask_p": 0.2},
+    "ss": {"freq_mask_N": 2, "freq_mask_F": 27, "time_mask_N": 2, "time_mask_T": 70,
+           "time_mask_p": 0.2},
+}
+
+
+def write_config(out: Path, task: str, specaugment: Optional[str] = None) -> None:
     """fairseq S2T data config: fbank input, the task's SentencePiece model, global CMVN on
     every split (``feature_transforms`` ``'*'``: fairseq looks a split up by name, then
-    ``_train``/``_eval``, then ``'*'``)."""
+    ``_train``/``_eval``, then ``'*'``), then the ``specaugment`` policy's masks on the train
+    split ``train_<task>`` (named, not ``_train``, which fairseq recognises by a name prefix)."""
+    transforms = {"*": ["global_cmvn"]}
+    if specaugment:
+        transforms = {f"train_{task}": ["global_cmvn", "specaugment"], **transforms}
     config = {
         "input_feat_per_channel": 80,
         "input_channels": 1,
@@ -208,7 +230,9 @@ def write_config(out: Path, task: str) -> None:
         "bpe_tokenizer": {"bpe": "sentencepiece",
                           "sentencepiece_model": str((out / f"spm_{task}.model").resolve())},
         "global_cmvn": {"stats_npz_path": str((out / "gcmvn.npz").resolve())},
-        "feature_transforms": {"*": ["global_cmvn"]},
+        "feature_transforms": transforms,
+        **({"specaugment": {"time_warp_W": 0, **SPECAUGMENT_POLICIES[specaugment]}}
+           if specaugment else {}),
     }
     write_text(out / f"config_{task}.yaml", yaml.safe_dump(config, sort_keys=False))
 
@@ -236,6 +260,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--st-vocab-from", metavar="T2T_DATA",
                         help="copy the translations' SentencePiece model and dictionary from "
                              "this t2t_recipe.py prepare output instead of training them")
+    parser.add_argument("--specaugment", choices=sorted(SPECAUGMENT_POLICIES),
+                        help="SpecAugment policy of the train split (default: none); see "
+                             "docs/recipes.md")
     parser.add_argument("--min-frames", type=int, default=5,
                         help="skip segments with fewer fbank frames")
     args = parser.parse_args(argv)
@@ -283,5 +310,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             train_spm([row[target] for row in rows["train"]], vocab_size, out / f"spm_{task}",
                       f"--vocab-size-{task}")
-        write_config(out, task)
+        write_config(out, task, args.specaugment)
     log(f"done -> {out}/config_{{asr,st}}.yaml")

@@ -55,7 +55,12 @@ from leapformer_fairseq.recipes.config import (
     run_label,
     train_run,
 )
-from leapformer_fairseq.recipes.mustc import load_talk, read_split, write_config
+from leapformer_fairseq.recipes.mustc import (
+    SPECAUGMENT_POLICIES,
+    load_talk,
+    read_split,
+    write_config,
+)
 from leapformer_fairseq.recipes.tts import HELDOUT_SPLIT
 from leapformer_fairseq.recipes.tts import MARKER as TTS_MARKER
 from leapformer_fairseq.simuleval_scores import (
@@ -90,6 +95,7 @@ def prepare(args) -> None:
          "--out", out, "--vocab-size-asr", args.vocab_size_asr,
          *(["--vocab-size-st", args.vocab_size_st] if args.vocab_size_st is not None else []),
          *(["--st-vocab-from", args.st_vocab_from] if args.st_vocab_from else []),
+         *(["--specaugment", args.specaugment] if args.specaugment else []),
          *(["--resample"] if args.resample else [])], "prepare: prep_mustc")
     cut_eval_segments(Path(args.data_root), args.lang, args.eval_split, out, args.resample,
                       args.max_eval, "eval")
@@ -331,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--st-vocab-from", metavar="T2T_DATA",
                    help="the translations' vocabulary of this t2t_recipe.py prepare output "
                         "(so train-st can take its decoder: --load-pretrained-decoder-from)")
+    p.add_argument("--specaugment", choices=sorted(SPECAUGMENT_POLICIES),
+                   help="SpecAugment policy of the train split (prep_mustc.py; default none)")
     p.add_argument("--resample", action="store_true",
                    help="resample / down-mix audio that is not 16 kHz mono")
     p.set_defaults(run=prepare)
