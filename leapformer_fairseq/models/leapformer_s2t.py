@@ -12,9 +12,10 @@ import argparse
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from fairseq import checkpoint_utils
 from fairseq.data import Dictionary
 from fairseq.data.data_utils import infer_language_pair, lengths_to_padding_mask
@@ -235,6 +236,14 @@ class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderMo
 
     subsampler_class = Conv1dSubsampler
 
+    def __init__(self, encoder: LeaPS2TEncoder, decoder: nn.Module,
+                 ctc_projection: Optional[nn.Linear] = None):
+        super().__init__(encoder, decoder)
+        # CTC on the encoder states (label_smoothed_cross_entropy_with_ctc): a linear layer to
+        # the target vocabulary, whose index 0 (<s>, never a target) is CTC's blank. It sits
+        # beside the encoder, not in it, so an ST model takes the encoder without it.
+        self.ctc_projection = ctc_projection
+
     @classmethod
     def build_subsampler(cls, cfg: TransformerConfig) -> nn.Module:
         return cls.subsampler_class(
@@ -281,11 +290,39 @@ class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderMo
             load_pretrained_decoder(decoder, Path(pretrained), tgt_dict)
             logger.info(f"loaded the decoder from {pretrained}")
         record_initialisation(args)
-        return cls(encoder, decoder)
+        # fairseq's criterion option, in the model's args when that criterion trains it
+        ctc = getattr(args, "ctc_weight", 0.0) > 0.0
+        return cls(encoder, decoder,
+                   nn.Linear(cfg.encoder.embed_dim, len(tgt_dict)) if ctc else None)
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens):
         encoder_out = self.encoder(src_tokens=src_tokens, src_lengths=src_lengths)
-        return self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
+        logits, extra = self.decoder(prev_output_tokens=prev_output_tokens,
+                                     encoder_out=encoder_out)
+        if self.ctc_projection is not None:
+            extra["encoder_out"] = encoder_out  # for get_ctc_output
+        return logits, extra
+
+    def get_ctc_output(self, net_output: Tuple[Tensor, Dict],
+                       sample: Optional[Dict] = None) -> Tuple[Tensor, Tensor]:
+        """CTC log-probabilities ``(T', B, V)`` (float32) of the encoder states of a forward
+        pass and their lengths ``(B,)``; needs ``--ctc-weight`` > 0 at build time."""
+        if self.ctc_projection is None:
+            raise RuntimeError("get_ctc_output: this model has no CTC layer; train it with "
+                               "--criterion label_smoothed_cross_entropy_with_ctc and "
+                               "--ctc-weight > 0")
+        encoder_out = net_output[1]["encoder_out"]
+        states = encoder_out["encoder_out"][0]
+        log_probs = F.log_softmax(self.ctc_projection(states).float(), dim=-1)
+        lengths = states.new_full((states.shape[1],), states.shape[0], dtype=torch.long)
+        if encoder_out["encoder_padding_mask"]:
+            lengths = lengths - encoder_out["encoder_padding_mask"][0].sum(dim=-1)
+        return log_probs, lengths
+
+    def get_ctc_target(self, sample: Dict) -> Tuple[Tensor, Tensor]:
+        """CTC targets: the targets without their final </s>, ``(B, L - 1)`` (right padded:
+        the longest one's </s> is the last column), and lengths ``(B,)``."""
+        return sample["target"][:, :-1], sample["target_lengths"] - 1
 
 
 @register_model("leapformer_s2t_waitk")
