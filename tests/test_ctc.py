@@ -105,6 +105,6 @@ def test_the_ctc_layer_sits_beside_the_encoder():
     assert plain.ctc_projection is None
     assert plain.encoder.state_dict().keys() == model.encoder.state_dict().keys()
     sample, _, _ = batch(dictionary)
-    with pytest.raises(RuntimeError, match="no CTC layer; train it with --criterion "
+    with pytest.raises(ValueError, match="no CTC layer; train it with --criterion "
                                            "label_smoothed_cross_entropy_with_ctc"):
         plain.get_ctc_output(plain(**sample["net_input"]), sample)

@@ -308,7 +308,7 @@ class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderMo
         """CTC log-probabilities ``(T', B, V)`` (float32) of the encoder states of a forward
         pass and their lengths ``(B,)``; needs ``--ctc-weight`` > 0 at build time."""
         if self.ctc_projection is None:
-            raise RuntimeError("get_ctc_output: this model has no CTC layer; train it with "
+            raise ValueError("get_ctc_output: this model has no CTC layer; train it with "
                                "--criterion label_smoothed_cross_entropy_with_ctc and "
                                "--ctc-weight > 0")
         encoder_out = net_output[1]["encoder_out"]
