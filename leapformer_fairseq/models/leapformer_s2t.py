@@ -309,8 +309,8 @@ class LeaPformerS2TTransformerModel(LeaPAttentionBlocks, FairseqEncoderDecoderMo
         pass and their lengths ``(B,)``; needs ``--ctc-weight`` > 0 at build time."""
         if self.ctc_projection is None:
             raise ValueError("get_ctc_output: this model has no CTC layer; train it with "
-                               "--criterion label_smoothed_cross_entropy_with_ctc and "
-                               "--ctc-weight > 0")
+                             "--criterion label_smoothed_cross_entropy_with_ctc and "
+                             "--ctc-weight > 0")
         encoder_out = net_output[1]["encoder_out"]
         states = encoder_out["encoder_out"][0]
         log_probs = F.log_softmax(self.ctc_projection(states).float(), dim=-1)
