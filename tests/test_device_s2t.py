@@ -30,9 +30,13 @@ def device_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("device")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "MAX_TRAIN": "40", "MAX_TEST": "4",
-           "ASR_MINUTES": "0.1", "ST_MINUTES": "0.1", "WORK": str(root / "work"),
-           "OUT": str(root / "out"), "JOBS": "2",
-           "TRAIN_ARGS": "--set arch=leapformer_s2t_waitk_tiny --set max-update=2 --cpu"}
+           "T2T_MINUTES": "0.1", "ASR_MINUTES": "0.1", "ST_MINUTES": "0.1",
+           "WORK": str(root / "work"), "OUT": str(root / "out"), "JOBS": "2",
+           "TRAIN_ARGS": "--set arch=leapformer_s2t_waitk_tiny --set max-update=2 --cpu",
+           "T2T_ARGS": "--set arch=leapformer_waitk_transformer_tiny --set encoder-embed-dim=64 "
+                       "--set decoder-embed-dim=64 --set decoder-ffn-embed-dim=128 "
+                       "--set decoder-layers=1 --set decoder-attention-heads=2 "
+                       "--set required-batch-size-multiple=1 --set max-update=2 --cpu"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "device_s2t.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -52,6 +56,12 @@ def test_it_hands_back_checkpoints_logs_and_the_prepared_text(device_run):
     for attn_type in ATTN_TYPES:
         log = (out / f"train_{attn_type}.log").read_text()
         assert "train-asr" in log and "train-st" in log
+        assert "ctc_loss" in log  # ASR pre-training with CTC on the encoder
+        assert f"loaded the decoder from {work}/t2t/runs/{attn_type}_k3/checkpoint_last.pt" in log
+    # the translations' vocabulary is the text model's
+    with tarfile.open(out / "data.tgz") as archive:
+        assert archive.extractfile("spm_st.model").read() == \
+            (work / "t2t" / "spm.model").read_bytes()
 
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)
