@@ -2,7 +2,7 @@
 # Train the speech models on a GPU machine without package access, from text alone: synthesise
 # gettext-mt en-de with the carried espeak-ng on every core (train, dev, tst-COMMON and the
 # held-out voices' tst-HE), prepare, then for each attention type a text-to-text wait-k model
-# (whose decoder the ST model starts from) beside ASR pre-training (CTC on the encoder), then
+# (whose decoder the ST model starts from) beside ASR pre-training, then
 # wait-k ST, the types side by side on the one GPU, each step for a fixed wall-clock budget.
 # Writes to OUT what evaluation on this side needs: the prepared text files, the ST checkpoints
 # without optimizer state in fp16 (python -m leapformer_fairseq.compact), the training logs.
@@ -13,7 +13,7 @@
 # Back here: make_tts_corpus.py --splits tst-COMMON,tst-HE, then s2t_recipe.py receive (docs/recipes.md).
 # A CPU smoke run here (what CI runs, at tiny size; the text model's decoder sized as the tiny
 # speech model's):
-#   MAX_TRAIN=40 MAX_TEST=4 T2T_MINUTES=0.1 ASR_MINUTES=0.1 ST_MINUTES=0.1 \
+#   MAX_TRAIN=40 MAX_TEST=4 T2T_MINUTES=0.1 ASR_MINUTES=0.1 ST_MINUTES=0.1 CTC_WEIGHT=0.3 \
 #     TRAIN_ARGS="--set arch=leapformer_s2t_waitk_tiny --set max-update=2 --cpu" \
 #     T2T_ARGS="--set arch=leapformer_waitk_transformer_tiny --set encoder-embed-dim=64
 #       --set decoder-embed-dim=64 --set decoder-ffn-embed-dim=128 --set decoder-layers=1
@@ -29,7 +29,8 @@
 #   T2T_MINUTES [2], ASR_MINUTES [3], ST_MINUTES [4]: wall-clock training budget per step
 #                             (fairseq's --stop-time-hours; the configurations' max-update still
 #                             applies); T2T_MINUTES=0: no text model, the ST decoder from scratch
-#   CTC_WEIGHT [0.3]          CTC on the encoder in ASR pre-training (0: none)
+#   CTC_WEIGHT [0]            CTC on the encoder in ASR pre-training with this weight (0: none;
+#                             no gain measured in the CPU screen, docs/recipes.md)
 #   SPECAUGMENT []            prepare --specaugment POLICY (empty: none)
 #   TRAIN_ARGS []             more options for both speech training steps (e.g. --set lr=0.002)
 #   T2T_ARGS []               more options for the text model
@@ -50,7 +51,7 @@ ASR_MINUTES="${ASR_MINUTES:-3}"
 ST_MINUTES="${ST_MINUTES:-4}"
 T2T_CONFIG="${T2T_CONFIG:-t2t/small_prenorm}"
 T2T_MINUTES="${T2T_MINUTES:-2}"
-CTC_WEIGHT="${CTC_WEIGHT:-0.3}"
+CTC_WEIGHT="${CTC_WEIGHT:-0}"
 SPECAUGMENT="${SPECAUGMENT:-}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 T2T_ARGS="${T2T_ARGS:-}"

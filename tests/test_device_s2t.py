@@ -30,7 +30,7 @@ def device_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("device")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "MAX_TRAIN": "40", "MAX_TEST": "4",
-           "T2T_MINUTES": "0.1", "ASR_MINUTES": "0.1", "ST_MINUTES": "0.1",
+           "T2T_MINUTES": "0.1", "ASR_MINUTES": "0.1", "ST_MINUTES": "0.1", "CTC_WEIGHT": "0.3",
            "WORK": str(root / "work"), "OUT": str(root / "out"), "JOBS": "2",
            "TRAIN_ARGS": "--set arch=leapformer_s2t_waitk_tiny --set max-update=2 --cpu",
            "T2T_ARGS": "--set arch=leapformer_waitk_transformer_tiny --set encoder-embed-dim=64 "
