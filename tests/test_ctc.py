@@ -1,7 +1,6 @@
 """CTC on the speech encoder, trained through fairseq's ``label_smoothed_cross_entropy_with_ctc``
 (``--ctc-weight``): the model's CTC layer beside the encoder, and the criterion's CTC loss against
 ``F.ctc_loss`` of each utterance encoded on its own, with its targets without ``</s>``."""
-import argparse
 from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
@@ -12,9 +11,8 @@ from fairseq.criterions.label_smoothed_cross_entropy_with_ctc import (
     LabelSmoothedCrossEntropyWithCtcCriterion,
 )
 from fairseq.data import Dictionary
-from fairseq.models import ARCH_CONFIG_REGISTRY
+from test_decoder_init import build_st
 
-import leapformer_fairseq  # noqa: F401  (registers the models)
 from leapformer_fairseq.models import LeaPformerS2TWaitkModel
 
 CTC_WEIGHT = 0.3
@@ -28,16 +26,8 @@ def target_dictionary() -> Dictionary:
 
 
 def build(dictionary: Dictionary, **options) -> LeaPformerS2TWaitkModel:
-    """The tiny S2T wait-k model, LeaP everywhere, seed 0, in float64 and evaluation mode."""
-    torch.manual_seed(0)
-    args = argparse.Namespace(
-        arch="leapformer_s2t_waitk_tiny", waitk_lagging=2, frames_per_unit=3,
-        encoder_attn_type="leap", decoder_attn_type="leap", cross_attn_type="leap",
-        leap_feature_map="hedgehog", input_feat_per_channel=80, input_channels=1,
-        max_source_positions=6000, max_target_positions=1024, **options)
-    ARCH_CONFIG_REGISTRY[args.arch](args)
-    model = LeaPformerS2TWaitkModel.build_model(
-        args, SimpleNamespace(target_dictionary=dictionary))
+    """The tiny S2T wait-k model (:func:`build_st`) in float64 and evaluation mode."""
+    model, _ = build_st(dictionary, **options)
     return model.double().eval()
 
 
