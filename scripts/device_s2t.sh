@@ -2,8 +2,8 @@
 # Train the speech models on a GPU machine without package access, from text alone: synthesise
 # gettext-mt en-de with the carried espeak-ng on every core (train, dev, tst-COMMON and the
 # held-out voices' tst-HE), prepare, then for each attention type a text-to-text wait-k model
-# (whose decoder the ST model starts from) beside ASR pre-training, then
-# wait-k ST, the types side by side on the one GPU, each step for a fixed wall-clock budget.
+# (whose decoder the ST model starts from) beside ASR pre-training, then wait-k ST, the types
+# side by side on the one GPU, each step for a fixed wall-clock budget.
 # Writes to OUT what evaluation on this side needs: the prepared text files, the ST checkpoints
 # without optimizer state in fp16 (python -m leapformer_fairseq.compact), the training logs.
 #
