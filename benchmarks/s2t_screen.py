@@ -1,12 +1,13 @@
 """The table of a screen of speech training choices: validation loss of every run along training.
 
     python benchmarks/s2t_screen.py --arm base=RUN,RUN --arm decoder=RUN,RUN \
-        --reference base --out benchmarks/results/s2t_screen_tts_gettext_en_de/screen
+        --reference base --out benchmarks/results/s2t_screen_tts_gettext_en_de/st_screen
 
 Each ``--arm NAME=RUN[,RUN...]`` names one choice and its runs (one per seed): folders that
 ``s2t_recipe.py train-asr`` / ``train-st`` trained into (``config.yaml``, ``train.log``). Reads
 every validation line of each run's ``train.log`` and writes ``OUT.json`` (every run's
-configuration, seed and curve, with the command, the commit and the machine), ``OUT.md`` (per
+configuration, seed, train feature transforms, encoder start and curve, with the command, the
+commit and the machine), ``OUT.md`` (per
 arm: mean and sample standard deviation over its runs of the validation ``nll_loss`` at each
 ``--marks`` update, and the difference to the reference arm; then every run) and ``OUT.png``
 (the curves). ``nll_loss`` is compared, not ``loss``: the label-smoothed loss, and with CTC its
@@ -18,7 +19,7 @@ import re
 import shlex
 import statistics
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import matplotlib
 import yaml
@@ -27,7 +28,7 @@ from attention import invocation, machine_description  # benchmarks/attention.py
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-VALID = re.compile(r"valid on '(?P<subset>[^']+)' subset \| loss (?P<loss>[\d.]+) \| "
+VALID = re.compile(r"valid on '[^']+' subset \| loss (?P<loss>[\d.]+) \| "
                    r"nll_loss (?P<nll>[\d.]+) .*\| num_updates (?P<updates>\d+)")
 
 
@@ -64,7 +65,7 @@ def read_run(folder: Path) -> Dict:
             "curve": [[updates, *values] for updates, values in sorted(curve.items())]}
 
 
-def nll_at(run: Dict, updates: int):
+def nll_at(run: Dict, updates: int) -> Optional[float]:
     """``nll_loss`` of the validation at ``updates``, or None if the run has none there."""
     return next((nll for step, _, nll in run["curve"] if step == updates), None)
 
