@@ -294,7 +294,7 @@ def demo(args) -> None:
         data_root=str(out / "tts"), lang="de", out=str(out), train_split="train",
         valid_split="dev", eval_split="tst-COMMON", heldout_split=HELDOUT_SPLIT,
         vocab_size_asr=args.vocab_size, vocab_size_st=args.vocab_size, st_vocab_from=None,
-        resample=False, max_eval=0))
+        specaugment=None, resample=False, max_eval=0))
     runs = {}
     for task, updates in (("asr", args.asr_updates), ("st", args.st_updates)):
         try:
