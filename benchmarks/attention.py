@@ -11,6 +11,8 @@ timed side by side.
 
     python benchmarks/attention.py                      # CPU, full sweep (make benchmark)
     python benchmarks/attention.py --device cuda        # GPU, when one is available
+    python benchmarks/attention.py --device cuda --dtype bfloat16 --attention causal \
+        --methods fairseq_softmax,sdpa,leap,leap_fla --out DIR   # what device_speed.sh runs
     python benchmarks/attention.py --lengths 256,1024 --decode-positions 1,64 --repeats 2
     python benchmarks/attention.py --sections cutover   # only the cut-over sweep
 
@@ -28,8 +30,9 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from fairseq.modules import MultiheadAttention
@@ -40,13 +43,19 @@ from leapformer_fairseq.modules.leap_multihead_attention import (
     BLOCK_SIZE,
     SHORT_FORM_MAX_LENGTH,
 )
+from leapformer_fairseq.ops import BACKEND_VARIABLE, select_backend
 from leapformer_fairseq.profiling import peak_rss_increase
 
 ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosformer", "leap",
            "leap_hedgehog")
+# LeaP through a backend of the causal sums other than ``torch`` (``ops.BACKENDS``): CUDA only,
+# measured when named in --methods
+BACKEND_METHODS = {"leap_fla": "fla"}
 DECODE_METHODS = ("fairseq_softmax", "leap", "leap_hedgehog")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTIONS = {"causal": True, "bidirectional": False}
 BASELINE = "fairseq_softmax"
 DECODE_RUN = 10  # timed decode steps of one method in a row (measure_decode)
 SECTIONS = ("train", "decode", "cutover")
@@ -61,6 +70,7 @@ LABELS = {
     "cosformer": "cosFormer",
     "leap": "LeaP",
     "leap_hedgehog": "LeaP over Hedgehog's features",
+    "leap_fla": "LeaP, fla-core's kernel (fla backend)",
 }
 
 
@@ -87,17 +97,18 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor,
                short_form_max_length: Optional[int] = None) -> Callable[[], torch.Tensor]:
     """A closure running one forward pass of ``method`` on ``x`` (T x B x C); LeaP's causal
     short form up to ``short_form_max_length`` rows (``None``: the module's default)."""
+    placement = {"device": x.device, "dtype": x.dtype}
     if method == "sdpa":
-        module = SDPAAttention(args.embed_dim, args.heads, causal).to(x.device)
+        module = SDPAAttention(args.embed_dim, args.heads, causal).to(**placement)
         return lambda: module(x)
     if method.startswith("fairseq_softmax"):
-        module = MultiheadAttention(args.embed_dim, args.heads, self_attention=True).to(x.device)
+        module = MultiheadAttention(args.embed_dim, args.heads, self_attention=True).to(**placement)
         need_weights = method == "fairseq_softmax_weights"
         mask = None
         if causal:
             length = x.size(0)
             future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-            mask = torch.zeros(length, length, device=x.device).masked_fill(future, float("-inf"))
+            mask = torch.zeros(length, length, **placement).masked_fill(future, float("-inf"))
         return lambda: module(x, x, x, attn_mask=mask, need_weights=need_weights)[0]
     module = LeaPMultiheadAttention(
         args.embed_dim, args.heads, self_attention=True, causal=causal,
@@ -105,15 +116,40 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor,
         short_form_max_length=short_form_max_length,
         cosformer_max_positions=max(1024, x.size(0)),  # cosFormer's M covers every position
         **attention_options(method),
-    ).to(x.device)
-    return lambda: module(x, x, x, need_weights=False)[0]
+    ).to(**placement)
+    backend = BACKEND_METHODS.get(method)
+
+    def forward() -> torch.Tensor:
+        with attention_backend(backend):
+            return module(x, x, x, need_weights=False)[0]
+    return forward
 
 
 def attention_options(method: str) -> Dict[str, str]:
     """``LeaPMultiheadAttention``'s type and feature map of a method (``leap_hedgehog``: LeaP
-    over Hedgehog's features; the others on ReLU features)."""
+    over Hedgehog's features; the others, backend methods included, on ReLU features)."""
     attn_type, _, feature_map = method.partition("_")
+    if method in BACKEND_METHODS:
+        feature_map = ""
     return {"attn_type": attn_type, "leap_feature_map": feature_map or "relu"}
+
+
+@contextmanager
+def attention_backend(backend: Optional[str]) -> Iterator[None]:
+    """``LEAPFORMER_ATTENTION_BACKEND=backend`` for the calls inside (unchanged for ``None``);
+    the variable's earlier value afterwards."""
+    if backend is None:
+        yield
+        return
+    previous = os.environ.get(BACKEND_VARIABLE)
+    os.environ[BACKEND_VARIABLE] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[BACKEND_VARIABLE]
+        else:
+            os.environ[BACKEND_VARIABLE] = previous
 
 
 def synchronize(device: str) -> None:
@@ -138,7 +174,8 @@ def forward_backward_pass(method: str, causal: bool, args, x: torch.Tensor,
 def measure_train(method: str, causal: bool, length: int, args) -> Dict:
     """Forward+backward: median time over ``repeats`` and peak memory of one pass."""
     torch.manual_seed(0)
-    x = torch.randn(length, args.batch, args.embed_dim, device=args.device, requires_grad=True)
+    x = torch.randn(length, args.batch, args.embed_dim, device=args.device,
+                    dtype=DTYPES[args.dtype], requires_grad=True)
     forward_backward = forward_backward_pass(method, causal, args, x)
     forward_backward()  # warm-up
     if args.device == "cuda":
@@ -161,7 +198,8 @@ def measure_cutover(length: int, batch: int, args) -> Dict:
     forms alternating pass by pass; the minimum over ``cutover_rounds`` passes of each (the
     forms coincide up to the chunk size, which shows the noise left)."""
     torch.manual_seed(0)
-    x = torch.randn(length, batch, args.embed_dim, device=args.device, requires_grad=True)
+    x = torch.randn(length, batch, args.embed_dim, device=args.device, dtype=DTYPES[args.dtype],
+                    requires_grad=True)
     passes = {form: forward_backward_pass("leap", True, args, x,
                                           length if short is None else short)
               for form, short in CUTOVER_FORMS.items()}
@@ -187,7 +225,7 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
     state at its position. A step time is the minimum over rounds of the median step.
     """
     torch.set_num_threads(args.decode_threads)
-    device, embed_dim = args.device, args.embed_dim
+    device, embed_dim, dtype = args.device, args.embed_dim, DTYPES[args.dtype]
     modules = {}
     for method in methods:
         torch.manual_seed(0)
@@ -196,15 +234,15 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
         else:
             module = LeaPMultiheadAttention(embed_dim, args.heads, self_attention=True,
                                             causal=True, **attention_options(method))
-        modules[method] = module.to(device).eval()
-    token = torch.randn(1, 1, embed_dim, device=device)
+        modules[method] = module.to(device=device, dtype=dtype).eval()
+    token = torch.randn(1, 1, embed_dim, device=device, dtype=dtype)
     states, state_bytes = {}, {}
     order = random.Random(0)
     with torch.no_grad():
         for method, module in modules.items():
             for position in positions:  # a state holding ``position`` tokens
                 state: Dict = {}
-                prefix = torch.randn(position, 1, embed_dim, device=device)
+                prefix = torch.randn(position, 1, embed_dim, device=device, dtype=dtype)
                 module(prefix, prefix, prefix, incremental_state=state, need_weights=False)
                 buffer = module._get_input_buffer(state)
                 states[method, position] = state
@@ -236,6 +274,20 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
             for method in methods for position in positions]
 
 
+def run_task(task: Dict, args) -> Dict:
+    """One measurement: on the CPU in a child process (:func:`run_child`), on CUDA in this
+    process (peak memory is the allocator's, reset per measurement; a child would pay CUDA's
+    start-up each time), an out-of-memory recorded as such."""
+    if args.device == "cpu":
+        return run_child(task, args)
+    try:
+        return measure(task, args)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        torch.cuda.empty_cache()
+
+
 def run_child(task: Dict, args) -> Dict:
     """Run one measurement in a fresh process under an address-space limit."""
     command = [sys.executable, __file__, "--child", json.dumps(task)] + args.passthrough
@@ -249,17 +301,20 @@ def run_child(task: Dict, args) -> Dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def measure(task: Dict, args) -> Dict:
+    """The measurement ``task`` describes (its ``kind``: train, cutover or decode)."""
+    if task["kind"] == "train":
+        return measure_train(task["method"], task["causal"], task["length"], args)
+    if task["kind"] == "cutover":
+        return measure_cutover(task["length"], task["batch"], args)
+    return {"rows": measure_decode(task["methods"], task["positions"], args)}
+
+
 def child_main(task: Dict, args) -> None:
     if args.device == "cpu" and args.memory_limit_gb > 0:
         limit = int(args.memory_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    if task["kind"] == "train":
-        result = measure_train(task["method"], task["causal"], task["length"], args)
-    elif task["kind"] == "cutover":
-        result = measure_cutover(task["length"], task["batch"], args)
-    else:
-        result = {"rows": measure_decode(task["methods"], task["positions"], args)}
-    print(json.dumps(result))
+    print(json.dumps(measure(task, args)))
 
 
 def machine_description(device: str) -> Dict:
@@ -368,6 +423,12 @@ def summarise(train: List[Dict], decode: List[Dict], lengths: List[int],
     return summary
 
 
+def measured_attentions(report: Dict) -> List[bool]:
+    """``causal`` of the forward+backward sections ``report`` measured (both before
+    ``--attention`` existed)."""
+    return [ATTENTIONS[name] for name in report["config"].get("attention", ATTENTIONS)]
+
+
 def decode_methods(report: Dict) -> List[str]:
     """The decode methods ``report`` measured, in ``DECODE_METHODS`` order."""
     return [m for m in DECODE_METHODS if any(r["method"] == m for r in report["decode"])]
@@ -391,7 +452,8 @@ def markdown(report: Dict) -> str:
                 if "leap_hedgehog" in report["config"].get("methods", ()) else "")
              + "), d_model "
              f"{report['config']['embed_dim']}, {report['config']['heads']} heads, "
-             f"batch {report['config']['batch']}, chunk {report['config']['chunk_size']}, "
+             f"batch {report['config']['batch']}, "
+             f"{report['config'].get('dtype', 'float32')}, chunk {report['config']['chunk_size']}, "
              f"block {report['config']['block_size']}; "
              f"time is the minimum over {report['config'].get('rounds', 1)} rounds (each "
              "configuration measured once per round, round-robin) of the median of "
@@ -399,7 +461,7 @@ def markdown(report: Dict) -> str:
              "peak rise during one pass "
              + ("(RSS)." if report["device"] == "cpu" else "(CUDA allocator)."), ""]
     lengths = report["config"]["lengths"]
-    for causal in (True, False):
+    for causal in measured_attentions(report):
         for key, title, fmt in (("time_s", "forward+backward time (ms)", fmt_time),
                                 ("peak_bytes", "peak memory (MiB)", fmt_mib)):
             lines += [f"## {'Causal' if causal else 'Bidirectional'}: {title}", "",
@@ -492,11 +554,12 @@ def plot(report: Dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cutover = report.get("cutover") or []
-    fig, axes = plt.subplots(1, 6 if cutover else 5, figsize=(31 if cutover else 26, 5))
-    panels = [(True, "time_s", 1e3, "causal fwd+bwd (ms)"),
-              (False, "time_s", 1e3, "bidirectional fwd+bwd (ms)"),
-              (True, "peak_bytes", 2**-20, "causal peak memory (MiB)"),
-              (False, "peak_bytes", 2**-20, "bidirectional peak memory (MiB)")]
+    panels = [(causal, key, scale, f"{'causal' if causal else 'bidirectional'} {title}")
+              for key, scale, title in (("time_s", 1e3, "fwd+bwd (ms)"),
+                                        ("peak_bytes", 2**-20, "peak memory (MiB)"))
+              for causal in measured_attentions(report)]
+    columns = len(panels) + (2 if cutover else 1)
+    fig, axes = plt.subplots(1, columns, figsize=(5.2 * columns, 5))
     for axis, (causal, key, scale, title) in zip(axes, panels):
         for method in report["config"]["methods"]:
             rows = [r for r in report["train"] if r["method"] == method and r["causal"] == causal
@@ -507,18 +570,20 @@ def plot(report: Dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     for method in decode_methods(report):
         rows = [r for r in report["decode"] if r["method"] == method and "step_time_s" in r]
-        axes[4].plot([r["position"] for r in rows], [r["step_time_s"] * 1e3 for r in rows],
-                     marker="o", label=LABELS[method])
-    axes[4].set(xscale="log", yscale="log", xlabel="position", title="decode step (ms)")
-    axes[4].legend(fontsize=8)
+        axes[len(panels)].plot([r["position"] for r in rows],
+                               [r["step_time_s"] * 1e3 for r in rows], marker="o",
+                               label=LABELS[method])
+    axes[len(panels)].set(xscale="log", yscale="log", xlabel="position",
+                          title="decode step (ms)")
+    axes[len(panels)].legend(fontsize=8)
     if cutover:
         rows = [r for r in cutover if r.get("time_s")]
         for form in CUTOVER_FORMS:
-            axes[5].plot([r["length"] for r in rows], [r["time_s"][form] * 1e3 for r in rows],
-                         marker="o", label=f"LeaP {form}")
-        axes[5].set(xlabel="sentence length (batch = tokens / length)",
+            axes[-1].plot([r["length"] for r in rows], [r["time_s"][form] * 1e3 for r in rows],
+                          marker="o", label=f"LeaP {form}")
+        axes[-1].set(xlabel="sentence length (batch = tokens / length)",
                     title="causal LeaP fwd+bwd per batch (ms)")
-        axes[5].legend(fontsize=8)
+        axes[-1].legend(fontsize=8)
     hardware = report["machine"].get("gpu") or report["machine"]["cpu"]
     fig.suptitle(f"Attention benchmark on {report['device']}: {hardware}")
     fig.tight_layout()
@@ -534,12 +599,18 @@ def parse_args(argv=None):
     parser.add_argument("--embed-dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="dtype of the inputs and modules (the linear forms still sum in "
+                             "float32)")
+    parser.add_argument("--attention", default=",".join(ATTENTIONS),
+                        help="forward+backward of which, of " + ",".join(ATTENTIONS))
     parser.add_argument("--chunk-size", type=int, default=32,
                         help="chunk of the causal chunked form (the module's default)")
     parser.add_argument("--block-size", type=int, default=BLOCK_SIZE,
                         help="rows per recomputed block of causal linear attention")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated subset of " + ",".join(METHODS))
+                        help="comma-separated subset of " + ",".join(METHODS) + "; also "
+                             + ",".join(BACKEND_METHODS) + " (CUDA)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed forward+backward passes per child; their median is kept")
     parser.add_argument("--rounds", type=int, default=3,
@@ -572,9 +643,19 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if min(args.repeats, args.rounds) < 1:
         parser.error("--repeats and --rounds must be >= 1")
-    unknown = set(args.methods.split(",")) - set(METHODS)
+    unknown = set(args.methods.split(",")) - set(METHODS) - set(BACKEND_METHODS)
     if unknown:
-        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from "
+                     f"{list(METHODS) + list(BACKEND_METHODS)}")
+    for method in sorted(set(args.methods.split(",")) & set(BACKEND_METHODS)):
+        try:  # the library's own checks: CUDA, the dtype, the package
+            with attention_backend(BACKEND_METHODS[method]):
+                select_backend(torch.device(args.device), DTYPES[args.dtype])
+        except ValueError as error:
+            parser.error(f"--methods {method}: {error}")
+    attentions = args.attention.split(",")
+    if not attentions or not set(attentions) <= set(ATTENTIONS):
+        parser.error(f"--attention: choose from {','.join(ATTENTIONS)}, got {args.attention!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     args.passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -593,11 +674,12 @@ def main() -> None:
         write_report(json.loads(path.read_text()), path)
         return
     lengths = [int(n) for n in args.lengths.split(",")]
+    attentions = [name for name in ATTENTIONS if name in args.attention.split(",")]
     positions = [int(p) for p in args.decode_positions.split(",")]
     sections = set(args.sections.split(","))
     if not sections or not sections <= set(SECTIONS):
         raise SystemExit(f"--sections: choose from {','.join(SECTIONS)}, got {args.sections!r}")
-    methods = [m for m in METHODS if m in args.methods.split(",")]
+    methods = [m for m in (*METHODS, *BACKEND_METHODS) if m in args.methods.split(",")]
     json_path = Path(args.out) / f"attention_{args.device}.json"
     command = " ".join(["python", "benchmarks/attention.py", *args.passthrough])
     report = {
@@ -605,7 +687,8 @@ def main() -> None:
         "commands": {},
         "machine": machine_description(args.device),
         "config": {"embed_dim": args.embed_dim, "heads": args.heads, "batch": args.batch,
-                   "chunk_size": args.chunk_size, "block_size": args.block_size},
+                   "dtype": args.dtype, "chunk_size": args.chunk_size,
+                   "block_size": args.block_size},
         "train": [],
         "decode": [],
         "cutover": [],
@@ -619,17 +702,22 @@ def main() -> None:
             raise SystemExit(f"--sections {args.sections}: {json_path} was measured on another "
                              f"machine ({previous['machine']}, here {report['machine']}); "
                              "run every section here, or write elsewhere (--out)")
+        if previous["config"].get("dtype", "float32") != args.dtype:
+            raise SystemExit(f"--sections {args.sections}: {json_path} was measured in "
+                             f"{previous['config'].get('dtype', 'float32')}, not --dtype "
+                             f"{args.dtype}; run every section, or write elsewhere (--out)")
         report.update({key: previous[key] for key in ("train", "decode", "cutover", "commands")
                        if key in previous})
         report["config"].update({key: previous["config"][key] for key in (
-            "lengths", "methods", "repeats", "rounds", "decode_positions", "decode_steps",
-            "decode_rounds", "decode_threads", "cutover_lengths", "cutover_tokens",
+            "attention", "lengths", "methods", "repeats", "rounds", "decode_positions",
+            "decode_steps", "decode_rounds", "decode_threads", "cutover_lengths", "cutover_tokens",
             "cutover_rounds") if key in previous["config"]})
     if "train" in sections:
         report["commands"]["train"] = command
-        report["config"].update({"lengths": lengths, "methods": methods,
-                                 "repeats": args.repeats, "rounds": args.rounds})
-        report["train"] = measure_train_section(methods, lengths, args)
+        report["config"].update({"attention": attentions, "lengths": lengths,
+                                 "methods": methods, "repeats": args.repeats,
+                                 "rounds": args.rounds})
+        report["train"] = measure_train_section(methods, attentions, lengths, args)
     if "decode" in sections:
         report["commands"]["decode"] = command
         report["config"].update({"decode_positions": positions,
@@ -654,7 +742,7 @@ def measure_cutover_section(lengths: List[int], args) -> List[Dict]:
     for length in lengths:
         task = {"kind": "cutover", "length": length,
                 "batch": max(1, args.cutover_tokens // length)}
-        result = run_child(task, args)
+        result = run_task(task, args)
         cutover.append({**task, **result})
         times = result.get("time_s") or {}
         print(f"[cutover] n={length:5d} batch {task['batch']:4d} "
@@ -663,20 +751,21 @@ def measure_cutover_section(lengths: List[int], args) -> List[Dict]:
     return cutover
 
 
-def measure_train_section(methods: List[str], lengths: List[int], args) -> List[Dict]:
-    """Every (attention, method, length) in its own child, ``--rounds`` times, each round over
+def measure_train_section(methods: List[str], attentions: List[str], lengths: List[int],
+                          args) -> List[Dict]:
+    """Every (attention, method, length) (:func:`run_task`), ``--rounds`` times, each round over
     all of them in the same order: a configuration's time is the minimum over rounds of its
     median pass (a slow spell of this shared machine then slows one round of every method, not
     one method's only measurement), its memory the largest peak. A configuration that failed
     (out of memory, time-out) is not run again."""
-    tasks = [{"kind": "train", "method": method, "causal": causal, "length": length}
-             for causal in (True, False) for method in methods for length in lengths]
+    tasks = [{"kind": "train", "method": method, "causal": ATTENTIONS[name], "length": length}
+             for name in attentions for method in methods for length in lengths]
     results: List[List[Dict]] = [[] for _ in tasks]
     for round_index in range(1, args.rounds + 1):
         for task, runs in zip(tasks, results):
             if any("error" in run for run in runs):
                 continue
-            result = run_child(task, args)
+            result = run_task(task, args)
             runs.append(result)
             print(f"[train {round_index}/{args.rounds}] "
                   f"{'causal' if task['causal'] else 'bidir '} {task['method']:24s} "
@@ -698,7 +787,7 @@ def measure_train_section(methods: List[str], lengths: List[int], args) -> List[
 def measure_decode_section(positions: List[int], args) -> List[Dict]:
     """Every method of ``DECODE_METHODS`` at every position, side by side in one child."""
     task = {"kind": "decode", "methods": list(DECODE_METHODS), "positions": positions}
-    result = run_child(task, args)
+    result = run_task(task, args)
     decode = result.get("rows") or [{"method": method, "position": p, "error": result["error"]}
                                     for method in DECODE_METHODS for p in positions]
     for row in decode:

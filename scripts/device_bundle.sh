@@ -4,8 +4,9 @@
 #
 #   bash scripts/device_bundle.sh            # once per machine; the output is git-ignored
 #
-# The GPU machine has Python 3.12 with torch/torchaudio 2.11, numpy, sentencepiece, sacrebleu,
-# scikit-learn, regex, tqdm and PyYAML, but no fairseq, soundfile or espeak-ng. This writes
+# The GPU machine has Python 3.12 with torch/torchaudio 2.11, triton, numpy, sentencepiece,
+# sacrebleu, scikit-learn, regex, tqdm, PyYAML, einops, matplotlib and pytest, but no fairseq,
+# soundfile, fla-core or espeak-ng. This writes
 #   .device/wheels/   Python 3.12 wheels: fairseq-fixed and the packages it needs beyond those
 #   .device/espeak/   espeak-ng: its binary, the shared libraries it loads beyond glibc's (from
 #                     this machine's Debian packages), and its English voice data
@@ -21,8 +22,9 @@ PY="${PY:-python3}"
 log() { echo "[bundle] $*"; }
 fail() { echo "[bundle] error: $*" >&2; exit 1; }
 
+# fla-core: the fla backend's kernels (benchmarks, device_speed.sh); its einops is there already
 WHEELS=(fairseq-fixed==0.12.3.1 hydra-core==1.3.2 omegaconf==2.3.0 bitarray==3.8.0
-        soundfile==0.14.0 cffi==2.1.1 pycparser==3.12)
+        soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 fla-core==0.6.0)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
            manylinux1_x86_64)
 
