@@ -37,6 +37,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from fairseq.modules import MultiheadAttention
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from leapformer_fairseq.modules import LeaPMultiheadAttention
 from leapformer_fairseq.modules.leap_multihead_attention import (
@@ -100,7 +101,13 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor,
     placement = {"device": x.device, "dtype": x.dtype}
     if method == "sdpa":
         module = SDPAAttention(args.embed_dim, args.heads, causal).to(**placement)
-        return lambda: module(x)
+        if x.device.type != "cuda":
+            return lambda: module(x)
+
+        def flash() -> torch.Tensor:  # FlashAttention, or an error: no other kernel silently
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return module(x)
+        return flash
     if method.startswith("fairseq_softmax"):
         module = MultiheadAttention(args.embed_dim, args.heads, self_attention=True).to(**placement)
         need_weights = method == "fairseq_softmax_weights"
@@ -459,7 +466,8 @@ def markdown(report: Dict) -> str:
              "configuration measured once per round, round-robin) of the median of "
              f"{report['config']['repeats']} forward+backward passes; memory is the largest "
              "peak rise during one pass "
-             + ("(RSS)." if report["device"] == "cpu" else "(CUDA allocator)."), ""]
+             + ("(RSS)." if report["device"] == "cpu" else "(CUDA allocator); torch SDPA "
+                "runs FlashAttention's kernel (or fails)."), ""]
     lengths = report["config"]["lengths"]
     for causal in measured_attentions(report):
         for key, title, fmt in (("time_s", "forward+backward time (ms)", fmt_time),
