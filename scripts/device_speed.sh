@@ -29,6 +29,7 @@
 #   DEVICE [cuda]; DTYPE [bfloat16]: of the attention benchmark (training: TRAIN_SETS)
 #   LENGTHS [64,128,...,65536]; HEAD_DIMS [32,64]; HEADS [8]
 #   METHODS [fairseq_softmax,sdpa,leap,leap_fla]; ATTENTION_ARGS []: more attention.py options
+#                             (after the defaults --rounds 1 --repeats 10, so they win)
 #   CORPUS [data/gettext-mt-full/en-de.{split}.tsv]; MAX_TRAIN [0: all]
 #   T2T_CONFIG [t2t/small]; WINDOW [200,700]; LOG_INTERVAL [100]
 #   TRAIN_SETS [bf16=true max-tokens=4096]: fairseq-train options KEY=VALUE for both runs
@@ -75,7 +76,7 @@ if wants attention; then
     # shellcheck disable=SC2086  # ATTENTION_ARGS: several options
     python3 benchmarks/attention.py --device "$DEVICE" --dtype "$DTYPE" --attention causal \
       --embed-dim $((head_dim * HEADS)) --heads "$HEADS" --batch 1 --lengths "$LENGTHS" \
-      --methods "$METHODS" --rounds 1 $ATTENTION_ARGS \
+      --methods "$METHODS" --rounds 1 --repeats 10 $ATTENTION_ARGS \
       --out "$RESULTS/attention_${SUFFIX}_d$head_dim"
   done
 fi

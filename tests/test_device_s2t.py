@@ -186,3 +186,47 @@ def test_receive_refuses_a_synthesis_with_other_settings(device_run, received, t
     assert done.stderr.strip().splitlines()[-1] == (
         f"[s2t] receive: {tmp_path / 'data.tgz'} not found; --from is the OUT folder of "
         "scripts/device_s2t.sh")
+
+
+def test_the_screen_table_reads_each_runs_validation(device_run, tmp_path):
+    """benchmarks/s2t_screen.py over the smoke run's ST folders, softmax the reference: each
+    run's curve is its log's validation lines, and the table's difference that of the means."""
+    work, _ = device_run
+    runs = {attn_type: work / "data" / "runs" / f"st_{attn_type}_k5" for attn_type in ATTN_TYPES}
+    out = tmp_path / "st_screen"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "s2t_screen.py"), "--reference", "softmax",
+         *[item for a in ATTN_TYPES for item in ("--arm", f"{a}={runs[a]}")], "--marks", "2",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    nll = {}
+    for attn_type, folder in runs.items():
+        lines = [line.split(" | ") for line in (folder / "train.log").read_text().splitlines()
+                 if "valid on 'dev_st' subset" in line]
+        fields = [dict(part.split(" ", 1) for part in line[5:]) for line in lines]
+        (run,) = report["arms"][attn_type]
+        assert run["curve"] == [[int(f["num_updates"]), float(f["loss"]), float(f["nll_loss"])]
+                                for f in fields] and run["curve"]
+        encoder = Path(run["encoder_from"])
+        assert encoder.name == "checkpoint_last.pt"
+        assert encoder.parent.name.startswith(f"asr_{attn_type}_")
+        nll[attn_type] = dict((step, value) for step, _, value in run["curve"])[2]
+    table = out.with_suffix(".md").read_text()
+    assert f"| leap | 1 | {nll['leap']:.3f} | {nll['leap'] - nll['softmax']:+.3f} |" in table
+    assert f"| softmax | 1 | {nll['softmax']:.3f} | +0.000 |" in table
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_a_ctc_trained_asr_checkpoint_reloads_whole_with_its_ctc_layer(device_run, attn_type):
+    work, _ = device_run
+    (folder,) = (work / "data" / "runs").glob(f"asr_{attn_type}_*")
+    checkpoint = folder / "checkpoint_last.pt"
+    model, _ = load_streaming_model(str(checkpoint), str(work / "data"),
+                                    overrides={"config_yaml": "config_asr.yaml"})
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    assert "ctc_projection.weight" in saved
+    weights = model.state_dict()
+    assert weights.keys() == saved.keys()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0)
