@@ -32,6 +32,7 @@
 #                             (after the defaults --rounds 1 --repeats 10, so they win)
 #   CORPUS [data/gettext-mt-full/en-de.{split}.tsv]; MAX_TRAIN [0: all]
 #   T2T_CONFIG [t2t/small]; WINDOW [200,700]; LOG_INTERVAL [100]
+#   TRAIN_REPEATS [1]         rounds of the two runs (the second round in reverse order)
 #   TRAIN_SETS [bf16=true max-tokens=4096]: fairseq-train options KEY=VALUE for both runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,7 @@ MAX_TRAIN="${MAX_TRAIN:-0}"
 T2T_CONFIG="${T2T_CONFIG:-t2t/small}"
 WINDOW="${WINDOW:-200,700}"
 LOG_INTERVAL="${LOG_INTERVAL:-100}"
+TRAIN_REPEATS="${TRAIN_REPEATS:-1}"
 TRAIN_SETS="${TRAIN_SETS:-bf16=true max-tokens=4096}"
 log() { echo "[device-speed $(date +%H:%M:%S)] $*"; }
 fail() { echo "[device-speed] error: $*" >&2; exit 1; }
@@ -97,7 +99,8 @@ if wants train; then
   [ "$DEVICE" = cpu ] && device_flag=(--cpu)
   log "train: $T2T_CONFIG, softmax then leap, updates in ($WINDOW]"
   python3 benchmarks/train_speed.py --data "$WORK/t2t" --config "$T2T_CONFIG" \
-    --attn-types softmax,leap --window "$WINDOW" --log-interval "$LOG_INTERVAL" \
+    --attn-types softmax,leap --repeats "$TRAIN_REPEATS" --window "$WINDOW" \
+    --log-interval "$LOG_INTERVAL" \
     "${sets[@]}" "${device_flag[@]}" --work "$WORK/train_speed" \
     --out "$RESULTS/train_speed_gettext_en_de"
 fi

@@ -77,14 +77,28 @@ def test_training_speed_is_measured_over_the_window_of_each_run(results):
         assert abs(run["wall_s"] - run["seconds"]) <= 2  # fairseq's wall: whole seconds
     # the same batches whatever the attention: only the time differs
     assert runs["leap"]["target_tokens"] == runs["softmax"]["target_tokens"] > 0
-    assert runs["leap"]["speed_vs_softmax"] == pytest.approx(
+    assert report["summary"]["leap"]["speed_vs_softmax"] == pytest.approx(
         runs["leap"]["updates_per_s"] / runs["softmax"]["updates_per_s"])
 
 
+def test_rounds_alternate_and_are_summarised_per_type():
+    assert train_speed.run_order(["softmax", "leap"], 3) == [
+        (0, "softmax"), (0, "leap"), (1, "leap"), (1, "softmax"), (2, "softmax"), (2, "leap")]
+    runs = [{"attn_type": "softmax", "updates_per_s": 2.0, "tokens_per_s": 100.0},
+            {"attn_type": "leap", "updates_per_s": 1.0, "tokens_per_s": 50.0},
+            {"attn_type": "leap", "updates_per_s": 2.0, "tokens_per_s": 70.0},
+            {"attn_type": "softmax", "updates_per_s": 4.0, "tokens_per_s": 300.0}]
+    summary = train_speed.summarise(runs)
+    assert summary["leap"] == {"runs": 2, "updates_per_s": 1.5, "updates_per_s_sd": 0.5 ** 0.5,
+                               "tokens_per_s": 60.0, "tokens_per_s_sd": 200 ** 0.5,
+                               "speed_vs_softmax": 0.5}
+    assert summary["softmax"]["speed_vs_softmax"] == 1.0
+
+
 def test_window_throughput_sums_the_logged_intervals():
-    rows = [{"num_updates": 4, "ups": 8.0, "wpb": 99.0, "wall": 1.0},
-            {"num_updates": 8, "ups": 4.0, "wpb": 20.0, "wall": 2.0},
-            {"num_updates": 12, "ups": 1.0, "wpb": 30.0, "wall": 6.0}]
+    rows = [{"num_updates": 4, "wps": 800.0, "wpb": 99.0, "wall": 1.0},
+            {"num_updates": 8, "wps": 80.0, "wpb": 20.0, "wall": 2.0},
+            {"num_updates": 12, "wps": 30.0, "wpb": 30.0, "wall": 6.0}]
     result = train_speed.window_throughput(rows, 4, 12)
     assert result["seconds"] == 5.0 and result["target_tokens"] == 200.0
     assert (result["updates_per_s"], result["tokens_per_s"], result["wall_s"]) == (1.6, 40.0, 5.0)
