@@ -71,7 +71,7 @@ def window_throughput(rows: List[Dict[str, float]], first: int, last: int) -> Di
 
 def precision(options: Dict) -> str:
     """The training precision of resolved fairseq-train ``options``."""
-    for flag in ("bf16", "fp16", "memory-efficient-bf16", "memory-efficient-fp16"):
+    for flag in ("bf16", "fp16", "memory-efficient-bf16", "memory-efficient-fp16", "amp"):
         if options.get(flag):
             return flag
     return "fp32"
@@ -103,7 +103,10 @@ def run_one(attn_type: str, round_index: int, args) -> Dict:
         raise SystemExit(f"[train_speed] training {attn_type} failed; its log is under {data}")
     (run,) = (data / "runs").iterdir()
     options = yaml.safe_load((run / "config.yaml").read_text())["fairseq-train"]
-    result = window_throughput(train_inner(run / "train.log"), first, last)
+    try:
+        result = window_throughput(train_inner(run / "train.log"), first, last)
+    except ValueError as error:
+        raise SystemExit(f"[train_speed] {run / 'train.log'}: {error}") from None
     return {"attn_type": attn_type, "round": round_index, "precision": precision(options),
             "arch": options["arch"],
             "max_tokens": options.get("max-tokens"), "log": str(run / "train.log"), **result}
@@ -200,8 +203,9 @@ def parse_args(argv: Optional[List[str]] = None):
         args.window = [int(n) for n in args.window.split(",")]
     except ValueError:
         parser.error(f"--window: FIRST,LAST updates, got {args.window!r}")
-    if len(args.window) != 2 or not 0 <= args.window[0] < args.window[1]:
-        parser.error(f"--window: FIRST,LAST with 0 <= FIRST < LAST, got {args.window}")
+    if len(args.window) != 2 or not 0 < args.window[0] < args.window[1]:
+        parser.error(f"--window: FIRST,LAST with 0 < FIRST < LAST (fairseq logs no update 0), "
+                     f"got {args.window}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.log_interval < 1 or any(n % args.log_interval for n in args.window):
