@@ -1,7 +1,7 @@
 """Training throughput of a text-to-text wait-k model per attention type, each run alone:
 updates/s and target tokens/s over a window of updates.
 
-    python benchmarks/train_speed.py --data work/t2t --set bf16=true      # a GPU (device_speed.sh)
+    python benchmarks/train_speed.py --data work/t2t --set fp16=true      # a GPU (device_speed.sh)
     python benchmarks/train_speed.py --data work/demo --config t2t/demo --window 20,60 \\
         --log-interval 20 --cpu
 
@@ -193,7 +193,7 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="fairseq's log interval; divides both window ends (default 100)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a fairseq-train option for every run (t2t_recipe.py's --set), "
-                             "e.g. bf16=true, max-tokens=4096")
+                             "e.g. fp16=true, max-tokens=4096")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU")
     parser.add_argument("--work", default=str(ROOT / "work" / "train_speed"),
                         help="the runs' folders (replaced)")

@@ -7,12 +7,13 @@
 #   2. tests: the tests of the backends (tests/test_backends.py), whose fla-core checks run on
 #      CUDA only;
 #   3. train: benchmarks/train_speed.py, the small wait-k text model (t2t/small) on gettext-mt
-#      en-de, softmax then LeaP, each alone, bf16, max-tokens 4096, updates 201-700.
+#      en-de, softmax then LeaP, each alone, fp16, max-tokens 4096, updates 201-700.
 # Writes OUT/device_speed.tgz (the results folders, for benchmarks/results/) and
 # OUT/test_backends.log.
 #
 # Here, once:   bash scripts/device_bundle.sh     (fairseq, fla-core and the rest as wheels)
-# There (the device tool's command, with .device carried; about 8 minutes on an H200):
+# There (the device tool's command, with .device carried; not yet run on a GPU: about 8
+# minutes on an H200 by estimate):
 #   . scripts/device_env.sh && bash scripts/device_speed.sh 2>&1 | tee $OUT/device_speed.log
 # Back here:  tar xzf device_speed.tgz -C benchmarks/results   (docs/benchmarks.md)
 # A CPU smoke run here (what CI runs, at tiny size):
@@ -33,7 +34,8 @@
 #   CORPUS [data/gettext-mt-full/en-de.{split}.tsv]; MAX_TRAIN [0: all]
 #   T2T_CONFIG [t2t/small]; WINDOW [200,700]; LOG_INTERVAL [100]
 #   TRAIN_REPEATS [1]         rounds of the two runs (the second round in reverse order)
-#   TRAIN_SETS [bf16=true max-tokens=4096]: fairseq-train options KEY=VALUE for both runs
+#   TRAIN_SETS [fp16=true max-tokens=4096]: fairseq-train options KEY=VALUE for both runs
+#                             (fairseq 0.12's bf16=true means a TPU: fp16 is its GPU precision)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,7 +56,7 @@ T2T_CONFIG="${T2T_CONFIG:-t2t/small}"
 WINDOW="${WINDOW:-200,700}"
 LOG_INTERVAL="${LOG_INTERVAL:-100}"
 TRAIN_REPEATS="${TRAIN_REPEATS:-1}"
-TRAIN_SETS="${TRAIN_SETS:-bf16=true max-tokens=4096}"
+TRAIN_SETS="${TRAIN_SETS:-fp16=true max-tokens=4096}"
 log() { echo "[device-speed $(date +%H:%M:%S)] $*"; }
 fail() { echo "[device-speed] error: $*" >&2; exit 1; }
 wants() { [[ ",$PARTS," == *",$1,"* ]]; }
