@@ -16,8 +16,8 @@
 # minutes on an H200 by estimate):
 #   . scripts/device_env.sh && bash scripts/device_speed.sh 2>&1 | tee $OUT/device_speed.log
 # Back here:  tar xzf device_speed.tgz -C benchmarks/results   (docs/benchmarks.md)
-# A CPU smoke run here (what CI runs, at tiny size):
-#   DEVICE=cpu LENGTHS=64,128 HEAD_DIMS=8 METHODS=fairseq_softmax,sdpa,leap \
+# A CPU smoke run here (what CI runs, at tiny size; the backends' tests run in the suite anyway):
+#   DEVICE=cpu PARTS=attention,train LENGTHS=64,128 HEAD_DIMS=8 METHODS=fairseq_softmax,sdpa,leap \
 #     ATTENTION_ARGS="--decode-positions 1,16 --decode-rounds 1 --decode-steps 10
 #       --cutover-lengths 16,32 --cutover-rounds 1 --repeats 1" MAX_TRAIN=400 WINDOW=4,8 \
 #     LOG_INTERVAL=4 TRAIN_SETS="arch=leapformer_waitk_transformer_tiny max-tokens=512" \
