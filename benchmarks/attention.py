@@ -347,11 +347,19 @@ def machine_description(device: str) -> Dict:
 
 def invocation() -> Dict[str, str]:
     """This script's command line (``python benchmarks/NAME.py ...``, from the repository root)
-    and the repository's short commit."""
+    and the repository's short commit, ``-dirty`` when tracked files outside
+    ``benchmarks/results`` (which runs rewrite) differ from it: the code that ran is then not
+    the commit's."""
     root = Path(__file__).resolve().parents[1]
     script = Path(sys.argv[0]).absolute().relative_to(root)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                            capture_output=True, text=True).stdout.strip()
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", *arguments], cwd=root, capture_output=True,
+                              text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)benchmarks/results"):
+        commit += "-dirty"
     return {"command": "python " + shlex.join([str(script), *sys.argv[1:]]), "commit": commit}
 
 

@@ -70,6 +70,9 @@ def test_training_speed_is_measured_over_the_window_of_each_run(results):
         (results / "train_speed_gettext_en_de" / "train_speed_cpu.json").read_text())
     runs = {run["attn_type"]: run for run in report["runs"]}
     assert list(runs) == ["softmax", "leap"] and report["window"] == [4, 8]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+    assert report["commit"] in (head, head + "-dirty") and head
     for run in runs.values():
         assert (run["precision"], run["max_tokens"], run["updates"]) == ("fp32", 512, 4)
         assert run["updates_per_s"] * run["seconds"] == pytest.approx(4)
