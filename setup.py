@@ -14,7 +14,9 @@ setup(
         "sentencepiece",
         "sacrebleu",
         "soundfile",
+        "ninja",  # builds the fused CPU decode step (leapformer_fairseq/ops/linear_attention)
     ],
+    package_data={"leapformer_fairseq.ops.linear_attention": ["fused_step.cpp"]},
     # the GPU backend of the causal sums (LEAPFORMER_ATTENTION_BACKEND=fla; docs/models.md)
     extras_require={"gpu": ["fla-core==0.6.0"]},
 )

@@ -94,9 +94,9 @@ if ! installed fairseq-fixed "$FAIRSEQ_VERSION"; then
 fi
 
 # 5. The rest of the stack, and the plugin itself in editable mode.
-if ! installed simuleval "$SIMULEVAL_VERSION" || ! "$PY" -c "import sentencepiece, sacrebleu, soundfile, pytest, matplotlib" 2>/dev/null; then
-  log "installing simuleval==$SIMULEVAL_VERSION sentencepiece sacrebleu soundfile pytest matplotlib"
-  "$PY" -m pip install -q "simuleval==$SIMULEVAL_VERSION" sentencepiece sacrebleu soundfile pytest matplotlib
+if ! installed simuleval "$SIMULEVAL_VERSION" || ! "$PY" -c "import sentencepiece, sacrebleu, soundfile, pytest, matplotlib, ninja" 2>/dev/null; then
+  log "installing simuleval==$SIMULEVAL_VERSION sentencepiece sacrebleu soundfile pytest matplotlib ninja"
+  "$PY" -m pip install -q "simuleval==$SIMULEVAL_VERSION" sentencepiece sacrebleu soundfile pytest matplotlib ninja
 fi
 if ! installed ruff "$RUFF_VERSION"; then  # the linter of `make lint` (settings: ruff.toml)
   log "installing ruff==$RUFF_VERSION"
@@ -106,4 +106,14 @@ if ! "$PY" -m pip show -q leapformer_fairseq >/dev/null 2>&1; then
   log "installing leapformer_fairseq (editable)"
   "$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
 fi
+# 6. The fused CPU decode step (C++), built once here rather than at the first decode; PyTorch
+#    caches it under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). Without it decode
+#    steps run the eager ops (LEAPFORMER_STEP_BACKEND, docs/models.md).
+log "building the fused CPU decode step (about a minute the first time)"
+"$PY" - <<'PYEOF'
+from leapformer_fairseq.ops.linear_attention.fused_step import build_error
+error = build_error()
+print("[setup] fused CPU decode step: " + ("ready" if error is None else
+      f"did not build ({error}); decode steps will run the eager ops"))
+PYEOF
 log "ready: $VENV ($("$PY" -c 'import torch, fairseq; print("torch", torch.__version__, "fairseq", fairseq.__version__)'))"

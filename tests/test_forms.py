@@ -1,6 +1,6 @@
 """The form table of ``LeaPMultiheadAttention`` (``FORMS``, ``select_form``): which form each call
 takes, and every form against the float64 naive reference (values and gradients), in fp16/bf16
-too for the forms new with the table (the short causal form and the fused decode step)."""
+too for the forms new with the table (the short causal form and the eager decode step)."""
 import itertools
 
 import pytest
@@ -8,14 +8,19 @@ import torch
 from test_module import EMBED, LINEAR_VARIANTS, make_module, reference, right_padding
 
 from leapformer_fairseq import ops
-from leapformer_fairseq.modules.leap_multihead_attention import FORMS, SHORT_FORM_MAX_LENGTH
+from leapformer_fairseq.modules.leap_multihead_attention import (
+    FORMS,
+    FUSED_STEP_TYPES,
+    SHORT_FORM_MAX_LENGTH,
+)
 
 CPU = torch.device("cpu")
 
 
 def expected_form(self_attention, incremental, causal, key_limit, padded, unit_causal, length,
-                  short_max, backend):
-    """The table ``select_form`` implements, written out."""
+                  short_max, backend, fusable):
+    """The table ``select_form`` implements, written out (``backend``: of the causal sums in
+    parallel calls, of the decode step in incremental ones)."""
     kernel = backend != "torch"
     if not self_attention:
         if incremental:
@@ -26,7 +31,9 @@ def expected_form(self_attention, incremental, causal, key_limit, padded, unit_c
     if incremental:
         if unit_causal:
             return "step units"
-        return "step" if length == 1 and not padded else "step chunked"
+        if length > 1 or padded:
+            return "step chunked"
+        return "step fused" if backend == "cpp" and fusable else "step"
     if key_limit:
         return "prefix kernel" if kernel else "prefix"
     if not causal:
@@ -38,23 +45,25 @@ def expected_form(self_attention, incremental, causal, key_limit, padded, unit_c
 
 def test_select_form_covers_every_call_and_every_form():
     reached = set()
-    for self_attention, unit_causal, short_max in itertools.product(
-            (True, False), (False, True), (None, 0, 32)):
+    for self_attention, unit_causal, short_max, variant in itertools.product(
+            (True, False), (False, True), (None, 0, 32), ("leap", "cosformer")):
         if unit_causal and not self_attention:
             continue
         kwargs = (dict(self_attention=True, causal=unit_causal, unit_causal=unit_causal,
                        frames_per_unit=2) if self_attention
                   else dict(encoder_decoder_attention=True))
-        module = make_module("leap", short_form_max_length=short_max, **kwargs)
-        for incremental, causal, key_limit, padded, length, backend in itertools.product(
+        module = make_module(variant, short_form_max_length=short_max, **kwargs)
+        for incremental, causal, key_limit, padded, length in itertools.product(
                 (False, True), (False, True), (False, True), (False, True),
-                (1, 32, 33, 65, 129), ("torch", "torch-sums")):
-            form = module.select_form(length, incremental, causal, key_limit, padded, CPU,
-                                      backend)
-            threshold = SHORT_FORM_MAX_LENGTH["cpu"] if short_max is None else short_max
-            assert form == expected_form(self_attention, incremental, causal, key_limit,
-                                         padded, unit_causal, length, threshold, backend)
-            reached.add(form)
+                (1, 32, 33, 65, 129)):
+            for backend in ("torch", "cpp") if incremental else ("torch", "torch-sums"):
+                form = module.select_form(length, incremental, causal, key_limit, padded, CPU,
+                                          backend)
+                threshold = SHORT_FORM_MAX_LENGTH["cpu"] if short_max is None else short_max
+                assert form == expected_form(self_attention, incremental, causal, key_limit,
+                                             padded, unit_causal, length, threshold, backend,
+                                             variant in FUSED_STEP_TYPES)
+                reached.add(form)
     assert reached == set(FORMS)
 
 
@@ -130,9 +139,13 @@ def decode(module, x, padding=None, block=1, unit=False):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("variant", LINEAR_VARIANTS)
-@pytest.mark.parametrize("form", ["step", "step chunked", "step units", "read"])
-def test_incremental_forms_match_the_float64_reference(form, variant):
+@pytest.mark.parametrize("form,variant", [
+    (form, variant) for form in ("step", "step fused", "step chunked", "step units", "read")
+    for variant in LINEAR_VARIANTS
+    if form != "step fused" or variant.partition("+")[0] in FUSED_STEP_TYPES])
+def test_incremental_forms_match_the_float64_reference(form, variant, monkeypatch):
+    """``step`` and ``step fused``: the eager decode step and the compiled op (inference)."""
+    monkeypatch.setenv(ops.STEP_BACKEND_VARIABLE, "cpp" if form == "step fused" else "torch")
     length = 9
     x = torch.randn(length, 2, EMBED, dtype=torch.float64)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
@@ -155,7 +168,8 @@ def test_incremental_forms_match_the_float64_reference(form, variant):
         if form == "step chunked":
             padding = torch.zeros(2, length, dtype=torch.bool)
             padding[1, :2] = True
-        out = decode(module, x, padding, block=3 if unit else 1)
+        with torch.set_grad_enabled(form != "step fused"):
+            out = decode(module, x, padding, block=3 if unit else 1)
         if unit:
             causal = torch.arange(length) < ((torch.arange(length) // 3 + 1) * 3).unsqueeze(-1)
         expected = reference(module, x, x, padding, causal)
@@ -196,10 +210,13 @@ def test_short_form_and_step_in_half_precision(form, variant, dtype):
     assert error <= HALF_EPS * torch.finfo(dtype).eps, f"error {error:.3g}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("variant", LINEAR_VARIANTS)
-def test_step_follows_parameter_changes(variant):
-    """The fused step keeps its fused weights between calls (inference); an in-place change,
-    a state dict load or a cast of the parameters is seen by the next step."""
+def test_step_follows_parameter_changes(variant, backend, monkeypatch):
+    """The decode steps (eager; ``auto``: compiled where the type allows) keep their fused
+    weights between calls (inference); an in-place change, a state dict load or a cast of the
+    parameters is seen by the next step."""
+    monkeypatch.setenv(ops.STEP_BACKEND_VARIABLE, backend)
     module = make_module(variant, self_attention=True, causal=True)
     other = make_module(variant, self_attention=True, causal=True)
     with torch.no_grad():

@@ -51,6 +51,9 @@ SHORT_FORM_MAX_LENGTH = {"cpu": 128}
 # still below fairseq softmax's there (docs/benchmarks.md).
 BLOCK_SIZE = 512
 
+# the attention types whose decode step the compiled op serves (cosFormer's reads positions)
+FUSED_STEP_TYPES = ("leap", "linear", "hedgehog")
+
 # the incremental buffers of the linear types held per head, (B * H, ...): the recurrent state
 PER_HEAD_BUFFERS = ("kv_state", "k_sum")
 
@@ -59,7 +62,8 @@ SIDES = {"q": (0,), "k": (1,), "qk": (0, 1)}
 
 # Every form a linear-attention call can take (:meth:`LeaPMultiheadAttention.select_form`) and the
 # function of :mod:`leapformer_fairseq.ops` that computes it. The kernel forms run the causal sums
-# of a backend other than ``torch`` (``ops.select_backend``).
+# of a backend other than ``torch`` (``ops.select_backend``); ``step fused`` runs where the step
+# backend is ``cpp`` (``ops.select_step_backend``).
 FORMS = {
     "bidirectional": "bidirectional_linear_attention",
     "prefix": "prefix_linear_attention",
@@ -68,6 +72,8 @@ FORMS = {
     "causal blockwise": "blockwise_causal_linear_attention",
     "causal kernel": "causal_linear_attention_with the backend's sums",
     "step": "recurrent_step, one fused projection of q, k and v (_token_step)",
+    "step fused": "fused_recurrent_step, the compiled CPU op: features, LeaP MLPs, state update "
+                  "and read in one call (_token_step)",
     "step chunked": "causal_linear_attention from the state",
     "step units": "update_state, then query_state, per unit",
     "read": "query_state of the source sums",
@@ -301,12 +307,12 @@ class LeaPMultiheadAttention(MultiheadAttention):
                              "see exactly the keys pushed so far")
         if self.self_attention and causal and self.unit_causal and not incremental:
             causal, key_limit = False, self.unit_causal_limit(query.size(0), 0, query.device)
-        # the backends serve the parallel forms only
-        backend = "torch" if incremental else ops.select_backend(query.device, query.dtype)
+        select_backend = ops.select_step_backend if incremental else ops.select_backend
+        backend = select_backend(query.device, query.dtype)
         form = self.select_form(query.size(0), incremental, causal, key_limit is not None,
                                 key_padding_mask is not None, query.device, backend)
-        if form == "step":
-            return self._token_step(query, incremental_state), None
+        if form in ("step", "step fused"):
+            return self._token_step(form, query, incremental_state), None
         if form == "read":
             out = self._cross_attention_step(
                 query, key, value, key_padding_mask, incremental_state, static_kv)
@@ -329,7 +335,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
             causal: causal self-attention (unit-causal calls arrive as ``key_limit``);
             key_limit: the call limits each query's keys (wait-k, unit-causal);
             padded: a key padding mask is passed; device: the inputs' device;
-            backend: of the causal sums (``ops.BACKENDS``; ``torch``: the native forms).
+            backend: parallel calls: of the causal sums (``ops.BACKENDS``; ``torch``: the
+                native forms); incremental calls: of the decode step (``torch`` or ``cpp``,
+                ``ops.select_step_backend``).
         """
         kernel = backend != "torch"
         if incremental:
@@ -337,7 +345,10 @@ class LeaPMultiheadAttention(MultiheadAttention):
                 return "read"
             if self.unit_causal:
                 return "step units"
-            return "step" if length == 1 and not padded else "step chunked"
+            if length > 1 or padded:
+                return "step chunked"
+            fusable = self.attn_type in FUSED_STEP_TYPES and not self._dropout_active()
+            return "step fused" if backend == "cpp" and fusable else "step"
         if key_limit:
             return "prefix kernel" if kernel else "prefix"
         if not (self.self_attention and causal):
@@ -485,20 +496,26 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self._set_input_buffer(incremental_state, buffer)
         return out
 
-    def _token_step(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
-        """The ``step`` form: one unpadded token ``(1, B, C)`` through the recurrent state, as
-        few ops as the math allows (the decode loop): q, k and v from one fused projection,
-        both sides' features in one pass, one rank-1 state update and read; returns the
-        output after ``out_proj``, ``(1, B, C)``."""
+    def _token_step(self, form: str, x: Tensor, incremental_state: IncrementalState) -> Tensor:
+        """The ``step`` and ``step fused`` forms: one unpadded token ``(1, B, C)`` through the
+        recurrent state, as few ops as the math allows (the decode loop): q, k and v from one
+        fused projection, then both sides' features in one pass, one rank-1 state update and
+        read (``step``), or all of that in one compiled op (``step fused``); returns the output
+        after ``out_proj``, ``(1, B, C)``."""
         buffer = self._get_input_buffer(incremental_state)
         bsz = x.size(1)
         state, position = self._load_state(buffer, bsz, "position", x)
         positions = self._positions(None, 1, bsz, x.device, position)
         step = self._step_parameters()
         qkv = self._self_projections(x, step.qkv_weight, step.qkv_bias)
-        q, k = self._features(qkv[:2], "qk", positions, step.features).unbind(0)
-        v = self.dropout_module(qkv[2]) if self._dropout_active() else qkv[2]
-        state, out = ops.recurrent_step(state, q, k, v, self.eps)
+        if form == "step fused":
+            norm_eps = self.leap_q[0].eps if self.leap_input_norm else 0.0
+            state, out = ops.fused_recurrent_step(state, qkv[:2, :, 0], qkv[2, :, 0],
+                                                  step.features, self.eps, norm_eps)
+        else:
+            q, k = self._features(qkv[:2], "qk", positions, step.features).unbind(0)
+            v = self.dropout_module(qkv[2]) if self._dropout_active() else qkv[2]
+            state, out = ops.recurrent_step(state, q, k, v, self.eps)
         self._store_state(buffer, state, None if position is None else position + 1, "position")
         self._set_input_buffer(incremental_state, buffer)
         # (B * H, 1, d) holds the same numbers as (1, B, C): no transpose

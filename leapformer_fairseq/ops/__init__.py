@@ -1,5 +1,5 @@
 """Pure tensor functions: feature maps, the forms of normalised linear attention, and the
-backends of the causal sums."""
+backends of the causal sums, and the fused decode step."""
 from .feature_map import (
     cosformer_proportions,
     positions_from_padding,
@@ -11,6 +11,8 @@ from .feature_map import (
 from .linear_attention import (
     BACKEND_VARIABLE,
     BACKENDS,
+    STEP_BACKEND_VARIABLE,
+    STEP_BACKENDS,
     SUMS,
     CausalSums,
     FeatureMap,
@@ -22,6 +24,7 @@ from .linear_attention import (
     causal_sums,
     empty_state,
     fla_causal_sums,
+    fused_recurrent_step,
     naive_leap_attention,
     naive_softmax_attention,
     prefix_linear_attention,
@@ -29,6 +32,7 @@ from .linear_attention import (
     query_state,
     recurrent_step,
     select_backend,
+    select_step_backend,
     state_dtype,
     torch_causal_sums,
     update_state,
@@ -40,6 +44,8 @@ __all__ = [
     "CausalSums",
     "FeatureMap",
     "LinearAttentionState",
+    "STEP_BACKENDS",
+    "STEP_BACKEND_VARIABLE",
     "SUMS",
     "bidirectional_linear_attention",
     "blockwise_causal_linear_attention",
@@ -49,6 +55,7 @@ __all__ = [
     "cosformer_proportions",
     "empty_state",
     "fla_causal_sums",
+    "fused_recurrent_step",
     "naive_leap_attention",
     "naive_softmax_attention",
     "positions_from_padding",
@@ -58,6 +65,7 @@ __all__ = [
     "recurrent_step",
     "relu_features",
     "select_backend",
+    "select_step_backend",
     "sincos_features",
     "softmax_features",
     "stacked_linear",

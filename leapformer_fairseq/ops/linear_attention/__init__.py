@@ -1,5 +1,5 @@
 """Normalised linear attention in four equivalent forms, plus the naive reference (docs/math.md §3),
-and the backends of the causal sums (``backends``).
+the backends of the causal sums (``backends``) and the fused decode step (``fused_step``).
 
 All tensors are ``(N, L, feature)`` with ``N = batch * heads``.
 """
@@ -17,6 +17,12 @@ from .backends import (
 from .bidirectional import bidirectional_linear_attention
 from .blockwise import FeatureMap, blockwise_causal_linear_attention
 from .chunk import causal_linear_attention, causal_sums
+from .fused_step import (
+    STEP_BACKEND_VARIABLE,
+    STEP_BACKENDS,
+    fused_recurrent_step,
+    select_step_backend,
+)
 from .naive import naive_leap_attention, naive_softmax_attention
 from .precision import state_dtype
 from .prefix import prefix_linear_attention
@@ -25,6 +31,8 @@ from .recurrent import LinearAttentionState, empty_state, query_state, recurrent
 __all__ = [
     "BACKENDS",
     "BACKEND_VARIABLE",
+    "STEP_BACKENDS",
+    "STEP_BACKEND_VARIABLE",
     "CausalSums",
     "FeatureMap",
     "SUMS",
@@ -35,6 +43,7 @@ __all__ = [
     "causal_linear_attention_with",
     "causal_sums",
     "fla_causal_sums",
+    "fused_recurrent_step",
     "empty_state",
     "naive_leap_attention",
     "naive_softmax_attention",
@@ -43,6 +52,7 @@ __all__ = [
     "query_state",
     "recurrent_step",
     "select_backend",
+    "select_step_backend",
     "state_dtype",
     "torch_causal_sums",
     "update_state",
