@@ -44,7 +44,12 @@ from leapformer_fairseq.modules.leap_multihead_attention import (
     BLOCK_SIZE,
     SHORT_FORM_MAX_LENGTH,
 )
-from leapformer_fairseq.ops import BACKEND_VARIABLE, select_backend
+from leapformer_fairseq.ops import (
+    BACKEND_VARIABLE,
+    STEP_BACKEND_VARIABLE,
+    select_backend,
+    select_step_backend,
+)
 from leapformer_fairseq.profiling import peak_rss_increase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +59,10 @@ METHODS = ("fairseq_softmax", "fairseq_softmax_weights", "sdpa", "linear", "cosf
 # LeaP through a backend of the causal sums other than ``torch`` (``ops.BACKENDS``): CUDA only,
 # measured when named in --methods
 BACKEND_METHODS = {"leap_fla": "fla"}
-DECODE_METHODS = ("fairseq_softmax", "leap", "leap_hedgehog")
+# LeaP's decode step through the eager ops (``LEAPFORMER_STEP_BACKEND=torch``), beside the
+# default step (the fused op where it builds): decode section only
+STEP_BACKEND_METHODS = {"leap_eager": "torch"}
+DECODE_METHODS = ("fairseq_softmax", "leap", "leap_hedgehog", "leap_eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTIONS = {"causal": True, "bidirectional": False}
 BASELINE = "fairseq_softmax"
@@ -72,6 +80,7 @@ LABELS = {
     "leap": "LeaP",
     "leap_hedgehog": "LeaP over Hedgehog's features",
     "leap_fla": "LeaP, fla-core's kernel (fla backend)",
+    "leap_eager": "LeaP, eager step (LEAPFORMER_STEP_BACKEND=torch)",
 }
 
 
@@ -127,7 +136,7 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor,
     backend = BACKEND_METHODS.get(method)
 
     def forward() -> torch.Tensor:
-        with attention_backend(backend):
+        with environment(BACKEND_VARIABLE, backend):
             return module(x, x, x, need_weights=False)[0]
     return forward
 
@@ -136,27 +145,27 @@ def attention_options(method: str) -> Dict[str, str]:
     """``LeaPMultiheadAttention``'s type and feature map of a method (``leap_hedgehog``: LeaP
     over Hedgehog's features; the others, backend methods included, on ReLU features)."""
     attn_type, _, feature_map = method.partition("_")
-    if method in BACKEND_METHODS:
+    if method in BACKEND_METHODS or method in STEP_BACKEND_METHODS:
         feature_map = ""
     return {"attn_type": attn_type, "leap_feature_map": feature_map or "relu"}
 
 
 @contextmanager
-def attention_backend(backend: Optional[str]) -> Iterator[None]:
-    """``LEAPFORMER_ATTENTION_BACKEND=backend`` for the calls inside (unchanged for ``None``);
-    the variable's earlier value afterwards."""
-    if backend is None:
+def environment(variable: str, value: Optional[str]) -> Iterator[None]:
+    """``variable=value`` for the calls inside (unchanged for ``None``); the variable's earlier
+    value afterwards."""
+    if value is None:
         yield
         return
-    previous = os.environ.get(BACKEND_VARIABLE)
-    os.environ[BACKEND_VARIABLE] = backend
+    previous = os.environ.get(variable)
+    os.environ[variable] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ[BACKEND_VARIABLE]
+            del os.environ[variable]
         else:
-            os.environ[BACKEND_VARIABLE] = previous
+            os.environ[variable] = previous
 
 
 def synchronize(device: str) -> None:
@@ -243,6 +252,12 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
                                             causal=True, **attention_options(method))
         modules[method] = module.to(device=device, dtype=dtype).eval()
     token = torch.randn(1, 1, embed_dim, device=device, dtype=dtype)
+    step_backends = {}
+    with torch.no_grad():
+        for method in methods:
+            if method != "fairseq_softmax":
+                with environment(STEP_BACKEND_VARIABLE, STEP_BACKEND_METHODS.get(method)):
+                    step_backends[method] = select_step_backend(torch.device(device), dtype)
     states, state_bytes = {}, {}
     order = random.Random(0)
     with torch.no_grad():
@@ -250,7 +265,8 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
             for position in positions:  # a state holding ``position`` tokens
                 state: Dict = {}
                 prefix = torch.randn(position, 1, embed_dim, device=device, dtype=dtype)
-                module(prefix, prefix, prefix, incremental_state=state, need_weights=False)
+                with environment(STEP_BACKEND_VARIABLE, STEP_BACKEND_METHODS.get(method)):
+                    module(prefix, prefix, prefix, incremental_state=state, need_weights=False)
                 buffer = module._get_input_buffer(state)
                 states[method, position] = state
                 state_bytes[method, position] = sum(t.numel() * t.element_size()
@@ -263,21 +279,23 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
                     shuffled = list(modules)
                     order.shuffle(shuffled)
                     for method in shuffled:
-                        for step in range(DECODE_RUN + 1):
-                            step_state = {key: dict(value)
-                                          for key, value in states[method, position].items()}
-                            synchronize(device)
-                            start = time.perf_counter()
-                            modules[method](token, token, token, incremental_state=step_state,
-                                            need_weights=False)
-                            synchronize(device)
-                            if step:  # the first step of a run warms the caches
-                                times[method].append(time.perf_counter() - start)
+                        with environment(STEP_BACKEND_VARIABLE, STEP_BACKEND_METHODS.get(method)):
+                            for step in range(DECODE_RUN + 1):
+                                step_state = {key: dict(value)
+                                              for key, value in states[method, position].items()}
+                                synchronize(device)
+                                start = time.perf_counter()
+                                modules[method](token, token, token,
+                                                incremental_state=step_state, need_weights=False)
+                                synchronize(device)
+                                if step:  # the first step of a run warms the caches
+                                    times[method].append(time.perf_counter() - start)
                 for method, samples in times.items():
                     rounds[method, position].append(statistics.median(samples))
     return [{"method": method, "position": position,
              "step_time_s": min(rounds[method, position]),
-             "state_bytes": state_bytes[method, position]}
+             "state_bytes": state_bytes[method, position],
+             **({"step_backend": step_backends[method]} if method in step_backends else {})}
             for method in methods for position in positions]
 
 
@@ -503,6 +521,11 @@ def markdown(report: Dict) -> str:
         lines.append(f"| {LABELS[method]} state | "
                      + " | ".join("-" if "state_bytes" not in r
                                   else f"{r['state_bytes'] / 1024:.0f}" for r in rows) + " |")
+    backends = {r["method"]: r["step_backend"] for r in report["decode"] if "step_backend" in r}
+    if backends:
+        lines += ["", "LeaP's decode step ran on (`LEAPFORMER_STEP_BACKEND`; `cpp`: the fused "
+                  "op, `torch`: the eager ops): "
+                  + ", ".join(f"{method} {backend}" for method, backend in backends.items())]
     lines += ["", "## Summary: LeaP against the others, ratios measured in this run", "",
               "| attention | length | speed-up vs fairseq softmax | memory saving vs fairseq "
               "softmax (fused) | memory saving vs fairseq softmax (weights) | speed-up vs SDPA "
@@ -665,7 +688,7 @@ def parse_args(argv=None):
                      f"{list(METHODS) + list(BACKEND_METHODS)}")
     for method in sorted(set(args.methods.split(",")) & set(BACKEND_METHODS)):
         try:  # the library's own checks: CUDA, the dtype, the package
-            with attention_backend(BACKEND_METHODS[method]):
+            with environment(BACKEND_VARIABLE, BACKEND_METHODS[method]):
                 select_backend(torch.device(args.device), DTYPES[args.dtype])
         except ValueError as error:
             parser.error(f"--methods {method}: {error}")

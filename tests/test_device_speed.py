@@ -63,6 +63,11 @@ def test_attention_is_causal_bf16_at_the_asked_sizes(results):
         assert by_length["leap_speedup_vs_sdpa"] == pytest.approx(
             rows["sdpa", n]["time_s"] / rows["leap", n]["time_s"])
     assert "bidirectional" not in report["summary"]
+    # each LeaP decode row names the step that ran: bf16 steps are eager (the fused op serves
+    # float32/float64), as leap_eager's always are
+    backends = {(row["method"], row["step_backend"]) for row in report["decode"]
+                if row["method"] != "fairseq_softmax"}
+    assert backends == {("leap", "torch"), ("leap_hedgehog", "torch"), ("leap_eager", "torch")}
 
 
 def test_training_speed_is_measured_over_the_window_of_each_run(results):
