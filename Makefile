@@ -11,7 +11,7 @@ setup:
 	bash scripts/setup_env.sh
 
 test: setup
-	$(VENV_PYTHON) -m pytest -q tests
+	$(VENV_PYTHON) -m pytest -q --durations=30 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
