@@ -127,3 +127,19 @@ def test_a_failed_build_is_reported(backend, tmp_path):
         assert result.returncode != 0
         assert "ValueError: LEAPFORMER_STEP_BACKEND=cpp: the fused step did not build" \
             in result.stderr
+
+
+def test_the_op_refuses_mismatched_shapes():
+    """A state or parameter of the wrong shape is an error naming it, not a read past it."""
+    module = make_module("leap", self_attention=True, causal=True)
+    layers = module._side_parameters("qk")
+    n, dim = 4, module.head_dim
+    state = ops.linear_attention.empty_state(n, 2 * dim, dim)
+    u, v = torch.randn(2, n, dim), torch.randn(n, dim)
+    with torch.no_grad():
+        ops.fused_recurrent_step(state, u, v, layers)  # the right shapes run
+        with pytest.raises(RuntimeError, match=r"fused_step: v is \[4, 7\], expected \[4, 8\]"):
+            ops.fused_recurrent_step(state, u, torch.randn(n, dim - 1), layers)
+        wrong = dict(layers, hidden=(layers["hidden"][0][:, :-1], layers["hidden"][1]))
+        with pytest.raises(RuntimeError, match="fused_step: the hidden weight is"):
+            ops.fused_recurrent_step(state, u, v, wrong)

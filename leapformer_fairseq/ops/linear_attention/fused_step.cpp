@@ -52,7 +52,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> fused_step(
     const Optional& out_bias, double eps) {
   const bool hedgehog = hedgehog_weight.has_value(), leap = hidden_weight.has_value();
   const bool norm = norm_weight.has_value();
-  const int64_t n_rows = u.size(1), dim = u.size(2), value_dim = v.size(1);
+  TORCH_CHECK(kv.dim() == 3 && u.dim() == 3, "fused_step: kv and u must be 3-D");
+  const int64_t n_rows = kv.size(0), dim = u.size(2), value_dim = kv.size(2);
   const int64_t base_dim = hedgehog ? 2 * dim : dim;  // the features before re-weighting
   const int64_t feature_dim = kv.size(1), hidden_dim = leap ? hidden_weight->size(2) : 0;
   TORCH_CHECK(kv.is_contiguous() && k_sum.is_contiguous(), "fused_step: the state must be "
@@ -61,6 +62,28 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> fused_step(
               "fused_step: u, v and the state must share one dtype");
   TORCH_CHECK(feature_dim == (leap ? 2 * base_dim : base_dim), "fused_step: state width ",
               feature_dim, " does not match the feature map's");
+  // every shape the loops index by, so a mismatch is an error rather than a stray read
+  auto check = [](const torch::Tensor& t, std::vector<int64_t> shape, const char* name) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "fused_step: ", name, " is ", t.sizes(),
+                ", expected ", at::IntArrayRef(shape));
+  };
+  check(u, {2, n_rows, dim}, "u");
+  check(v, {n_rows, value_dim}, "v");
+  check(k_sum, {n_rows, feature_dim}, "k_sum");
+  if (hedgehog) {
+    check(*hedgehog_weight, {2, dim, dim}, "the hedgehog weight");
+    check(*hedgehog_bias, {2, 1, dim}, "the hedgehog bias");
+  }
+  if (leap) {
+    check(*hidden_weight, {2, dim, hidden_dim}, "the hidden weight");
+    check(*hidden_bias, {2, 1, hidden_dim}, "the hidden bias");
+    check(*out_weight, {2, hidden_dim, 1}, "the out weight");
+    check(*out_bias, {2, 1, 1}, "the out bias");
+  }
+  if (norm) {
+    check(*norm_weight, {2, 1, dim}, "the norm weight");
+    check(*norm_bias, {2, 1, dim}, "the norm bias");
+  }
   auto new_kv = torch::empty_like(kv);
   auto new_k_sum = torch::empty_like(k_sum);
   auto out = torch::empty({n_rows, value_dim}, kv.options());
