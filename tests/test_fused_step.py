@@ -24,34 +24,45 @@ FLOAT32_EPS = 64
 FUSED_EXTRA_EPS = 2
 
 
-def float32_decode_error(variant, norm, backend, monkeypatch):
-    """The float32 decode of one seeded module and input, its error against the float64
+def float32_decode_error(variant, norm, backend, cross, monkeypatch):
+    """The float32 decode of one seeded module and input (self-attention, or cross-attention
+    reading a source of 30 tokens, one query per call), its error against the float64
     reference (in float32's eps) and the forms it took."""
     monkeypatch.setenv(ops.STEP_BACKEND_VARIABLE, backend)
     length = 40
-    module = make_module(variant, self_attention=True, causal=True, leap_input_norm=norm)
+    kind = dict(encoder_decoder_attention=True) if cross else dict(self_attention=True,
+                                                                   causal=True)
+    module = make_module(variant, leap_input_norm=norm, **kind)
     with torch.no_grad():
         for parameter in module.parameters():  # LeaP's proportions away from their start
             parameter.add_(0.2 * torch.randn_like(parameter))
     forms = recorded_forms(module)
-    x = 3 * torch.randn(length, 2, EMBED)
+    x, source = 3 * torch.randn(length, 2, EMBED), 3 * torch.randn(30, 2, EMBED)
     with torch.no_grad():
-        out = decode(module, x)
-        expected = reference(module.double(), x.double(), x.double(), None,
-                             torch.ones(length, length, dtype=torch.bool).tril())
+        if cross:
+            state = {}
+            out = torch.cat([module(x[i:i + 1], source, source, incremental_state=state,
+                                    static_kv=True)[0] for i in range(length)])
+            expected = reference(module.double(), x.double(), source.double())
+        else:
+            out = decode(module, x)
+            expected = reference(module.double(), x.double(), x.double(), None,
+                                 torch.ones(length, length, dtype=torch.bool).tril())
     assert out.dtype == torch.float32
     error = (out.double() - expected).abs().max() / expected.abs().max()
     return float(error) / torch.finfo(torch.float32).eps, set(forms)
 
 
+@pytest.mark.parametrize("cross", [False, True], ids=["step", "read"])
 @pytest.mark.parametrize("variant,norm", [("leap", False), ("leap", True), ("linear", False),
                                           ("hedgehog", False), ("leap+hedgehog", False),
                                           ("leap+hedgehog", True)])
-def test_fused_step_in_float32_matches_the_float64_reference(variant, norm, monkeypatch):
-    fused, forms = float32_decode_error(variant, norm, "cpp", monkeypatch)
-    assert forms == {"step fused"}
-    eager, forms = float32_decode_error(variant, norm, "torch", monkeypatch)
-    assert forms == {"step"}
+def test_fused_step_in_float32_matches_the_float64_reference(variant, norm, cross, monkeypatch):
+    form = "read" if cross else "step"
+    fused, forms = float32_decode_error(variant, norm, "cpp", cross, monkeypatch)
+    assert forms == {form + " fused"}
+    eager, forms = float32_decode_error(variant, norm, "torch", cross, monkeypatch)
+    assert forms == {form}
     assert fused <= FLOAT32_EPS, f"error {fused:.1f} eps"
     assert fused <= eager + FUSED_EXTRA_EPS, f"fused {fused:.1f} eps, eager {eager:.1f} eps"
 

@@ -51,7 +51,8 @@ SHORT_FORM_MAX_LENGTH = {"cpu": 128}
 # still below fairseq softmax's there (docs/benchmarks.md).
 BLOCK_SIZE = 512
 
-# the attention types whose decode step the compiled op serves (cosFormer's reads positions)
+# the attention types whose decode step and cross-attention read the compiled op serves
+# (cosFormer's features read positions)
 FUSED_STEP_TYPES = ("leap", "linear", "hedgehog")
 
 # the incremental buffers of the linear types held per head, (B * H, ...): the recurrent state
@@ -62,8 +63,8 @@ SIDES = {"q": (0,), "k": (1,), "qk": (0, 1)}
 
 # Every form a linear-attention call can take (:meth:`LeaPMultiheadAttention.select_form`) and the
 # function of :mod:`leapformer_fairseq.ops` that computes it. The kernel forms run the causal sums
-# of a backend other than ``torch`` (``ops.select_backend``); ``step fused`` runs where the step
-# backend is ``cpp`` (``ops.select_step_backend``).
+# of a backend other than ``torch`` (``ops.select_backend``); ``step fused`` and ``read fused``
+# run where the step backend is ``cpp`` (``ops.select_step_backend``).
 FORMS = {
     "bidirectional": "bidirectional_linear_attention",
     "prefix": "prefix_linear_attention",
@@ -77,6 +78,8 @@ FORMS = {
     "step chunked": "causal_linear_attention from the state",
     "step units": "update_state, then query_state, per unit",
     "read": "query_state of the source sums",
+    "read fused": "fused_query_state, the compiled CPU op: the query's features and the read "
+                  "of the source sums in one call",
 }
 
 
@@ -313,9 +316,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
                                 key_padding_mask is not None, query.device, backend)
         if form in ("step", "step fused"):
             return self._token_step(form, query, incremental_state), None
-        if form == "read":
+        if form in ("read", "read fused"):
             out = self._cross_attention_step(
-                query, key, value, key_padding_mask, incremental_state, static_kv)
+                form, query, key, value, key_padding_mask, incremental_state, static_kv)
         elif form.startswith("step"):
             out = self._self_attention_step(form, query, key_padding_mask, incremental_state)
         elif self.self_attention:
@@ -341,14 +344,14 @@ class LeaPMultiheadAttention(MultiheadAttention):
         """
         kernel = backend != "torch"
         if incremental:
+            fusable = self.attn_type in FUSED_STEP_TYPES and backend == "cpp"
             if not self.self_attention:
-                return "read"
+                return "read fused" if fusable and length == 1 else "read"
             if self.unit_causal:
                 return "step units"
             if length > 1 or padded:
                 return "step chunked"
-            fusable = self.attn_type in FUSED_STEP_TYPES and not self._dropout_active()
-            return "step fused" if backend == "cpp" and fusable else "step"
+            return "step fused" if fusable and not self._dropout_active() else "step"
         if key_limit:
             return "prefix kernel" if kernel else "prefix"
         if not (self.self_attention and causal):
@@ -509,9 +512,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         step = self._step_parameters()
         qkv = self._self_projections(x, step.qkv_weight, step.qkv_bias)
         if form == "step fused":
-            norm_eps = self.leap_q[0].eps if self.leap_input_norm else 0.0
             state, out = ops.fused_recurrent_step(state, qkv[:2, :, 0], qkv[2, :, 0],
-                                                  step.features, self.eps, norm_eps)
+                                                  step.features, self.eps, self._norm_eps())
         else:
             q, k = self._features(qkv[:2], "qk", positions, step.features).unbind(0)
             v = self.dropout_module(qkv[2]) if self._dropout_active() else qkv[2]
@@ -523,6 +525,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
 
     def _cross_attention_step(
         self,
+        form: str,
         query: Tensor,
         key: Optional[Tensor],
         value: Optional[Tensor],
@@ -530,7 +533,8 @@ class LeaPMultiheadAttention(MultiheadAttention):
         incremental_state: IncrementalState,
         static_kv: bool,
     ) -> Tensor:
-        """Read the source sums with new target queries.
+        """Read the source sums with new target queries (``read``; ``read fused``: one query,
+        its features and the read in one compiled op).
 
         With ``static_kv`` the sums over ``key`` are computed once and cached; otherwise ``key``
         holds new source units that extend the cached sums (``None`` adds nothing).
@@ -543,12 +547,14 @@ class LeaPMultiheadAttention(MultiheadAttention):
         state, _ = self._load_state(buffer, bsz, "key_position", query)
         query_position = self._position(buffer, "query_position", bsz, query.device)
         q_positions = self._positions(None, query.size(0), bsz, query.device, query_position)
-        q = self._features(self._split_heads(F.linear(query, *self._qkv_projection(1))),
-                           "q", q_positions)
+        u = self._split_heads(F.linear(query, *self._qkv_projection(1)))
         if query_position is not None:
             buffer["query_position"] = query_position + query.size(0)
         self._set_input_buffer(incremental_state, buffer)
-        return ops.query_state(state, q, self.eps)
+        if form == "read fused":
+            return ops.fused_query_state(state, u[:, 0], self._side_parameters("q"), self.eps,
+                                         self._norm_eps()).unsqueeze(1)
+        return ops.query_state(state, self._features(u, "q", q_positions), self.eps)
 
     def extend_source(
         self,
@@ -679,6 +685,10 @@ class LeaPMultiheadAttention(MultiheadAttention):
                 f"cosFormer position {int(positions.max())} is past --cosformer-max-positions "
                 f"{self.cosformer_max_positions} (p = i / M must stay in [0, 1))")
         return positions
+
+    def _norm_eps(self) -> float:
+        """The epsilon of the LeaP MLPs' input norm (0 without one)."""
+        return self.leap_q[0].eps if self.leap_input_norm else 0.0
 
     def _dropout_active(self) -> bool:
         """Whether ``dropout_module`` changes its input (the values) now."""

@@ -20,6 +20,7 @@ from .chunk import causal_linear_attention, causal_sums
 from .fused_step import (
     STEP_BACKEND_VARIABLE,
     STEP_BACKENDS,
+    fused_query_state,
     fused_recurrent_step,
     select_step_backend,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "causal_linear_attention_with",
     "causal_sums",
     "fla_causal_sums",
+    "fused_query_state",
     "fused_recurrent_step",
     "empty_state",
     "naive_leap_attention",

@@ -1,6 +1,7 @@
 // One causal decode step of linear attention in one CPU op: both sides' feature maps (ReLU or
 // Hedgehog), the LeaP proportion MLPs and their sin/cos re-weighting, the rank-1 state update
-// and the normalised read. The math is that of feature_map.py and recurrent.py; fused_step.py
+// and the normalised read; or, given queries only, the features and the read of a state that
+// stays as it is (cross-attention). The math is that of feature_map.py and recurrent.py; fused_step.py
 // documents the arguments. Sums are in the inputs' dtype (float32 or float64), as the eager
 // step's are.
 #include <torch/extension.h>
@@ -46,19 +47,25 @@ struct Layer {  // a stacked linear layer: weight_t (2, d_in, d_out), bias (2, 1
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> fused_step(
     const torch::Tensor& kv, const torch::Tensor& k_sum, const torch::Tensor& u,
-    const torch::Tensor& v, const Optional& hedgehog_weight, const Optional& hedgehog_bias,
+    const Optional& v, const Optional& hedgehog_weight, const Optional& hedgehog_bias,
     const Optional& norm_weight, const Optional& norm_bias, double norm_eps,
     const Optional& hidden_weight, const Optional& hidden_bias, const Optional& out_weight,
     const Optional& out_bias, double eps) {
   const bool hedgehog = hedgehog_weight.has_value(), leap = hidden_weight.has_value();
   const bool norm = norm_weight.has_value();
   TORCH_CHECK(kv.dim() == 3 && u.dim() == 3, "fused_step: kv and u must be 3-D");
+  const int64_t sides = u.size(0);  // 2: a step (queries and keys), 1: a read (queries)
+  const bool update = sides == 2;
+  TORCH_CHECK(sides == 1 || sides == 2, "fused_step: u holds queries (1) or queries and keys "
+              "(2), got ", sides);
+  TORCH_CHECK(update == v.has_value(), "fused_step: values go with keys (u of 2 sides)");
   const int64_t n_rows = kv.size(0), dim = u.size(2), value_dim = kv.size(2);
   const int64_t base_dim = hedgehog ? 2 * dim : dim;  // the features before re-weighting
   const int64_t feature_dim = kv.size(1), hidden_dim = leap ? hidden_weight->size(2) : 0;
   TORCH_CHECK(kv.is_contiguous() && k_sum.is_contiguous(), "fused_step: the state must be "
               "contiguous");
-  TORCH_CHECK(u.scalar_type() == kv.scalar_type() && v.scalar_type() == kv.scalar_type(),
+  TORCH_CHECK(u.scalar_type() == kv.scalar_type() &&
+              (!update || v->scalar_type() == kv.scalar_type()),
               "fused_step: u, v and the state must share one dtype");
   TORCH_CHECK(feature_dim == (leap ? 2 * base_dim : base_dim), "fused_step: state width ",
               feature_dim, " does not match the feature map's");
@@ -67,34 +74,37 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> fused_step(
     TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "fused_step: ", name, " is ", t.sizes(),
                 ", expected ", at::IntArrayRef(shape));
   };
-  check(u, {2, n_rows, dim}, "u");
-  check(v, {n_rows, value_dim}, "v");
+  check(u, {sides, n_rows, dim}, "u");
+  if (update) check(*v, {n_rows, value_dim}, "v");
   check(k_sum, {n_rows, feature_dim}, "k_sum");
   if (hedgehog) {
-    check(*hedgehog_weight, {2, dim, dim}, "the hedgehog weight");
-    check(*hedgehog_bias, {2, 1, dim}, "the hedgehog bias");
+    check(*hedgehog_weight, {sides, dim, dim}, "the hedgehog weight");
+    check(*hedgehog_bias, {sides, 1, dim}, "the hedgehog bias");
   }
   if (leap) {
-    check(*hidden_weight, {2, dim, hidden_dim}, "the hidden weight");
-    check(*hidden_bias, {2, 1, hidden_dim}, "the hidden bias");
-    check(*out_weight, {2, hidden_dim, 1}, "the out weight");
-    check(*out_bias, {2, 1, 1}, "the out bias");
+    check(*hidden_weight, {sides, dim, hidden_dim}, "the hidden weight");
+    check(*hidden_bias, {sides, 1, hidden_dim}, "the hidden bias");
+    check(*out_weight, {sides, hidden_dim, 1}, "the out weight");
+    check(*out_bias, {sides, 1, 1}, "the out bias");
   }
   if (norm) {
-    check(*norm_weight, {2, 1, dim}, "the norm weight");
-    check(*norm_bias, {2, 1, dim}, "the norm bias");
+    check(*norm_weight, {sides, 1, dim}, "the norm weight");
+    check(*norm_bias, {sides, 1, dim}, "the norm bias");
   }
-  auto new_kv = torch::empty_like(kv);
-  auto new_k_sum = torch::empty_like(k_sum);
+  // a read leaves the state as it is: the same tensors come back
+  auto new_kv = update ? torch::empty_like(kv) : kv;
+  auto new_k_sum = update ? torch::empty_like(k_sum) : k_sum;
   auto out = torch::empty({n_rows, value_dim}, kv.options());
   AT_DISPATCH_FLOATING_TYPES(kv.scalar_type(), "fused_step", [&] {
     using T = scalar_t;
     const auto u_a = u.accessor<T, 3>();
-    const auto v_a = v.accessor<T, 2>();
+    // a read has no values: an empty stand-in keeps the accessor's type
+    const torch::Tensor values = update ? *v : torch::empty({0, 0}, kv.options());
+    const auto v_a = values.accessor<T, 2>();
     const T* kv_p = kv.data_ptr<T>();
     const T* k_sum_p = k_sum.data_ptr<T>();
-    T* new_kv_p = new_kv.data_ptr<T>();
-    T* new_k_sum_p = new_k_sum.data_ptr<T>();
+    T* new_kv_p = update ? new_kv.data_ptr<T>() : nullptr;
+    T* new_k_sum_p = update ? new_k_sum.data_ptr<T>() : nullptr;
     T* out_p = out.data_ptr<T>();
     Layer<T> hedgehog_l{}, hidden_l{}, out_l{};
     if (hedgehog) hedgehog_l = Layer<T>(*hedgehog_weight, *hedgehog_bias);
@@ -108,7 +118,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> fused_step(
       std::vector<T> normed(dim), features(2 * feature_dim), value(value_dim);
       std::vector<T> numerator(value_dim);
       for (int64_t n = begin; n < end; ++n) {
-        for (int side = 0; side < 2; ++side) {  // queries, then keys
+        for (int side = 0; side < sides; ++side) {  // queries, then keys
           T* phi = features.data() + side * feature_dim;
           for (int64_t i = 0; i < dim; ++i) x[i] = u_a[side][n][i];
           if (hedgehog) {  // sqrt(2d) softmax([W x + b, -(W x + b)])
@@ -149,21 +159,30 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> fused_step(
         }
         const T* q = features.data();
         const T* k = features.data() + feature_dim;
-        for (int64_t c = 0; c < value_dim; ++c) value[c] = v_a[n][c];
         std::fill(numerator.begin(), numerator.end(), T(0));
         T denominator = 0;
         const int64_t state_offset = n * feature_dim * value_dim;
-        for (int64_t f = 0; f < feature_dim; ++f) {  // S += k^T v, z += k; q S, q . z
-          const T* old_row = kv_p + state_offset + f * value_dim;
-          T* new_row = new_kv_p + state_offset + f * value_dim;
-          const T kf = k[f], qf = q[f];
-          for (int64_t c = 0; c < value_dim; ++c) {
-            new_row[c] = old_row[c] + kf * value[c];
-            numerator[c] += qf * new_row[c];
+        if (update) {
+          for (int64_t c = 0; c < value_dim; ++c) value[c] = v_a[n][c];
+          for (int64_t f = 0; f < feature_dim; ++f) {  // S += k^T v, z += k; q S, q . z
+            const T* old_row = kv_p + state_offset + f * value_dim;
+            T* new_row = new_kv_p + state_offset + f * value_dim;
+            const T kf = k[f], qf = q[f];
+            for (int64_t c = 0; c < value_dim; ++c) {
+              new_row[c] = old_row[c] + kf * value[c];
+              numerator[c] += qf * new_row[c];
+            }
+            const T z = k_sum_p[n * feature_dim + f] + kf;
+            new_k_sum_p[n * feature_dim + f] = z;
+            denominator += qf * z;
           }
-          const T z = k_sum_p[n * feature_dim + f] + kf;
-          new_k_sum_p[n * feature_dim + f] = z;
-          denominator += qf * z;
+        } else {
+          for (int64_t f = 0; f < feature_dim; ++f) {  // q S, q . z
+            const T* row = kv_p + state_offset + f * value_dim;
+            const T qf = q[f];
+            for (int64_t c = 0; c < value_dim; ++c) numerator[c] += qf * row[c];
+            denominator += qf * k_sum_p[n * feature_dim + f];
+          }
         }
         denominator = std::max(denominator, T(eps));
         for (int64_t c = 0; c < value_dim; ++c)

@@ -1,9 +1,11 @@
-"""The causal decode step fused into one compiled CPU op (``fused_step.cpp``).
+"""The causal decode step fused into one compiled CPU op (``fused_step.cpp``), and the read of
+cross-attention's source sums with it.
 
 An eager step runs about 16 small ops (the feature maps, the LeaP MLPs, the sin/cos re-weighting,
 the state update and read); on a CPU each costs more in dispatch than in arithmetic. The fused op
-does the same math in one call, for ReLU or Hedgehog features, with or without LeaP's
-re-weighting (``linear``, ``hedgehog`` and ``leap``; cosFormer's positions stay eager).
+does the same math in one call (a read: the query's features and the read), for ReLU or
+Hedgehog features, with or without LeaP's re-weighting (``linear``, ``hedgehog`` and ``leap``;
+cosFormer's positions stay eager).
 
 Which step runs is chosen by :func:`select_step_backend` from ``LEAPFORMER_STEP_BACKEND``:
 
@@ -120,10 +122,38 @@ def fused_recurrent_step(
     Returns:
         The new state and the output ``(N, dv)``, all in ``u``'s dtype.
     """
+    kv, k_sum, out = _fused(state, u, v, layers, eps, norm_eps)
+    return LinearAttentionState(kv, k_sum), out
+
+
+def fused_query_state(
+    state: LinearAttentionState,
+    u: Tensor,
+    layers: Dict[str, Tuple[Tensor, Tensor]],
+    eps: float = 0.1,
+    norm_eps: float = 1e-5,
+) -> Tensor:
+    """Read ``state`` with one query per row, from its projection: ``phi_q S / max(phi_q . z,
+    eps)``; the state is unchanged.
+
+    Args:
+        state: ``(N, F, dv)`` and ``(N, F)`` sums, contiguous, in ``u``'s dtype.
+        u: ``(N, d)`` the query projections (any strides).
+        layers: the query side's stacked parameters (``_side_parameters("q")``), as in
+            :func:`fused_recurrent_step`.
+    Returns:
+        ``(N, dv)`` in ``u``'s dtype.
+    """
+    return _fused(state, u.unsqueeze(0), None, layers, eps, norm_eps)[2]
+
+
+def _fused(state: LinearAttentionState, u: Tensor, v: Optional[Tensor],
+           layers: Dict[str, Tuple[Tensor, Tensor]], eps: float,
+           norm_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """The compiled op: ``u`` of 2 sides with ``v`` (a step) or of 1 side without (a read)."""
     def pair(role: str) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         return layers.get(role, (None, None))
 
-    kv, k_sum, out = compiled_step().fused_step(
-        state.kv, state.k_sum, u, v, *pair("hedgehog"), *pair("norm"), norm_eps,
-        *pair("hidden"), *pair("out"), eps)
-    return LinearAttentionState(kv, k_sum), out
+    return compiled_step().fused_step(state.kv, state.k_sum, u, v, *pair("hedgehog"),
+                                      *pair("norm"), norm_eps, *pair("hidden"), *pair("out"),
+                                      eps)
