@@ -94,9 +94,10 @@ if ! installed fairseq-fixed "$FAIRSEQ_VERSION"; then
 fi
 
 # 5. The rest of the stack, and the plugin itself in editable mode.
-if ! installed simuleval "$SIMULEVAL_VERSION" || ! "$PY" -c "import sentencepiece, sacrebleu, soundfile, pytest, matplotlib, ninja" 2>/dev/null; then
-  log "installing simuleval==$SIMULEVAL_VERSION sentencepiece sacrebleu soundfile pytest matplotlib ninja"
-  "$PY" -m pip install -q "simuleval==$SIMULEVAL_VERSION" sentencepiece sacrebleu soundfile pytest matplotlib ninja
+if ! installed simuleval "$SIMULEVAL_VERSION" || ! "$PY" -c "import sentencepiece, sacrebleu, soundfile, pytest, xdist, matplotlib, ninja" 2>/dev/null; then
+  log "installing simuleval==$SIMULEVAL_VERSION sentencepiece sacrebleu soundfile pytest pytest-xdist matplotlib ninja"
+  "$PY" -m pip install -q "simuleval==$SIMULEVAL_VERSION" sentencepiece sacrebleu soundfile pytest pytest-xdist \
+    matplotlib ninja
 fi
 if ! installed ruff "$RUFF_VERSION"; then  # the linter of `make lint` (settings: ruff.toml)
   log "installing ruff==$RUFF_VERSION"

@@ -154,17 +154,14 @@ def test_live_view_writes_the_offline_words_of_each_utterance_of_a_talk(demo, tm
 
 
 def test_live_view_in_real_time_takes_the_audio_time(demo, tmp_path):
-    """Played in real time, a held-out-voice talk (about 25 s) takes at least 80% of its
-    duration longer than as fast as possible (model loading, a few seconds, is in both), and no
-    word is written before its source."""
+    """Played in real time, a held-out-voice talk (about 25 s) takes at least its duration, and
+    no word is written (on the wall clock) before its source has been played. Lower bounds only:
+    a busy machine (the suite runs in parallel workers) cannot fail them."""
     wav = sorted((demo / "tts" / "en-de" / "data" / "tst-HE" / "wav").iterdir())[0]
     seconds = soundfile.info(wav).duration
-    took = {}
-    for mode in ("--no-realtime", "--segment-ms=200"):
-        started = time.perf_counter()
-        words = live_view(demo, tmp_path, "--wav", wav, mode)
-        took[mode] = time.perf_counter() - started
-    assert took["--segment-ms=200"] - took["--no-realtime"] >= 0.8 * seconds
+    started = time.perf_counter()
+    words = live_view(demo, tmp_path, "--wav", wav, "--segment-ms=200")
+    assert time.perf_counter() - started >= seconds
     assert all(record["written_s"] >= record["source_s"] - 0.05 for record in words)
 
 
