@@ -62,6 +62,11 @@ BACKEND_METHODS = {"leap_fla": "fla"}
 # LeaP's decode step through the eager ops (``LEAPFORMER_STEP_BACKEND=torch``), beside the
 # default step (the fused op where it builds): decode section only
 STEP_BACKEND_METHODS = {"leap_eager": "torch"}
+# LeaP with compile_feature_map (the feature map through torch.compile, compiled in each child's
+# warm-up pass): measured when named in --methods
+COMPILED_METHODS = ("leap_compiled",)
+# what --methods accepts beyond METHODS, in report order
+OPTIONAL_METHODS = (*BACKEND_METHODS, *COMPILED_METHODS)
 DECODE_METHODS = ("fairseq_softmax", "leap", "leap_hedgehog", "leap_eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTIONS = {"causal": True, "bidirectional": False}
@@ -81,6 +86,7 @@ LABELS = {
     "leap_hedgehog": "LeaP over Hedgehog's features",
     "leap_fla": "LeaP, fla-core's kernel (fla backend)",
     "leap_eager": "LeaP, eager step (LEAPFORMER_STEP_BACKEND=torch)",
+    "leap_compiled": "LeaP, feature map compiled (compile_feature_map)",
 }
 
 
@@ -131,6 +137,7 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor,
         chunk_size=args.chunk_size, block_size=args.block_size,
         short_form_max_length=short_form_max_length,
         cosformer_max_positions=max(1024, x.size(0)),  # cosFormer's M covers every position
+        compile_feature_map=method in COMPILED_METHODS,
         **attention_options(method),
     ).to(**placement)
     backend = BACKEND_METHODS.get(method)
@@ -143,9 +150,10 @@ def build_step(method: str, causal: bool, args, x: torch.Tensor,
 
 def attention_options(method: str) -> Dict[str, str]:
     """``LeaPMultiheadAttention``'s type and feature map of a method (``leap_hedgehog``: LeaP
-    over Hedgehog's features; the others, backend methods included, on ReLU features)."""
+    over Hedgehog's features; the others, backend and compiled methods included, on ReLU
+    features)."""
     attn_type, _, feature_map = method.partition("_")
-    if method in BACKEND_METHODS or method in STEP_BACKEND_METHODS:
+    if method in (*BACKEND_METHODS, *STEP_BACKEND_METHODS, *COMPILED_METHODS):
         feature_map = ""
     return {"attn_type": attn_type, "leap_feature_map": feature_map or "relu"}
 
@@ -649,7 +657,9 @@ def parse_args(argv=None):
                         help="rows per recomputed block of causal linear attention")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated subset of " + ",".join(METHODS) + "; also "
-                             + ",".join(BACKEND_METHODS) + " (CUDA)")
+                             + ",".join(BACKEND_METHODS) + " (CUDA) and "
+                             + ",".join(COMPILED_METHODS) + " (needs a C++ compiler on a CPU, "
+                             "Triton on a GPU)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed forward+backward passes per child; their median is kept")
     parser.add_argument("--rounds", type=int, default=3,
@@ -682,10 +692,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if min(args.repeats, args.rounds) < 1:
         parser.error("--repeats and --rounds must be >= 1")
-    unknown = set(args.methods.split(",")) - set(METHODS) - set(BACKEND_METHODS)
+    unknown = set(args.methods.split(",")) - set(METHODS) - set(OPTIONAL_METHODS)
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from "
-                     f"{list(METHODS) + list(BACKEND_METHODS)}")
+                     f"{list(METHODS) + list(OPTIONAL_METHODS)}")
     for method in sorted(set(args.methods.split(",")) & set(BACKEND_METHODS)):
         try:  # the library's own checks: CUDA, the dtype, the package
             with environment(BACKEND_VARIABLE, BACKEND_METHODS[method]):
@@ -718,7 +728,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
     if not sections or not sections <= set(SECTIONS):
         raise SystemExit(f"--sections: choose from {','.join(SECTIONS)}, got {args.sections!r}")
-    methods = [m for m in (*METHODS, *BACKEND_METHODS) if m in args.methods.split(",")]
+    methods = [m for m in (*METHODS, *OPTIONAL_METHODS) if m in args.methods.split(",")]
     json_path = Path(args.out) / f"attention_{args.device}.json"
     command = " ".join(["python", "benchmarks/attention.py", *args.passthrough])
     report = {

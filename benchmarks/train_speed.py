@@ -6,17 +6,17 @@ updates/s and target tokens/s over a window of updates.
         --log-interval 20 --cpu
 
 Each attention type (``--attn-types``, ``--repeats`` rounds: the types in the given order, then
-reversed, and so on) trains a fresh model with ``scripts/t2t_recipe.py train`` (``--config``,
-``--attn-type`` for every block, ``--set`` overrides) in its own folder under ``--work`` (its
-``data-bin`` a link to ``--data``'s), one run after the other, for the window's last update,
-without validation or checkpoints (what they cost is not training speed), logging every
-``--log-interval`` updates; both window ends must be multiples of it. From fairseq's
-``train_inner`` lines after the window's first update: each logged interval's tokens are
-``wpb`` (target tokens per update) times its updates, its time those tokens over its ``wps``
-(fairseq times the whole interval, data loading included); updates/s and tokens/s are the
-window's updates and tokens over the sum of those times. Writes
-``train_speed_<device>.{json,md,png}`` under ``--out`` with the command, the machine and each
-run's precision, batch size and log.
+reversed, and so on; ``TYPE+compiled``: TYPE with ``--compile-feature-map``) trains a fresh
+model with ``scripts/t2t_recipe.py train`` (``--config``, ``--attn-type`` for every block,
+``--set`` overrides) in its own folder under ``--work`` (its ``data-bin`` a link to
+``--data``'s), one run after the other, for the window's last update, without validation or
+checkpoints (what they cost is not training speed), logging every ``--log-interval`` updates;
+both window ends must be multiples of it. From fairseq's ``train_inner`` lines after the
+window's first update: each logged interval's tokens are ``wpb`` (target tokens per update)
+times its updates, its time those tokens over its ``wps`` (fairseq times the whole interval,
+data loading included); updates/s and tokens/s are the window's updates and tokens over the sum
+of those times. Writes ``train_speed_<device>.{json,md,png}`` under ``--out`` with the command,
+the machine and each run's precision, batch size and log.
 """
 import argparse
 import json
@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from attention import invocation, machine_description  # noqa: E402
 
 BASELINE = "softmax"
+# --attn-types TYPE+VARIANT: TYPE trained with the variant's fairseq-train options
+VARIANTS = {"compiled": ["--set", "compile-feature-map=true"]}
 FIELD = re.compile(r"(\w+)=([-+\d.eE]+)")
 
 
@@ -92,8 +94,10 @@ def run_one(attn_type: str, round_index: int, args) -> Dict:
     data.mkdir(parents=True)
     (data / "data-bin").symlink_to(Path(args.data, "data-bin").resolve())
     shutil.copy(Path(args.data, "recipe.json"), data / "recipe.json")
+    base_type, _, variant = attn_type.partition("+")
     command = [sys.executable, str(ROOT / "scripts" / "t2t_recipe.py"), "train",
-               "--data", str(data), "--config", args.config, "--attn-type", attn_type,
+               "--data", str(data), "--config", args.config, "--attn-type", base_type,
+               *VARIANTS.get(variant, []),
                "--max-update", str(last), "--set", f"log-interval={args.log_interval}",
                "--set", "disable-validation=true", "--set", "no-save=true",
                *[item for text in args.set for item in ("--set", text)],
@@ -183,7 +187,8 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--data", required=True, help="a t2t_recipe.py prepare --out folder")
     parser.add_argument("--config", default="t2t/small", help="the training configuration")
     parser.add_argument("--attn-types", default=f"{BASELINE},leap",
-                        help="attention types of every block, trained one after the other")
+                        help="attention types of every block, trained one after the other; "
+                             "TYPE+compiled: TYPE with --compile-feature-map")
     parser.add_argument("--window", default="200,700",
                         help="FIRST,LAST: measure updates FIRST+1 .. LAST (default 200,700)")
     parser.add_argument("--repeats", type=int, default=1,
@@ -206,6 +211,11 @@ def parse_args(argv: Optional[List[str]] = None):
     if len(args.window) != 2 or not 0 < args.window[0] < args.window[1]:
         parser.error(f"--window: FIRST,LAST with 0 < FIRST < LAST (fairseq logs no update 0), "
                      f"got {args.window}")
+    for attn_type in args.attn_types.split(","):
+        variant = attn_type.partition("+")[2]
+        if variant and variant not in VARIANTS:
+            parser.error(f"--attn-types {attn_type}: unknown variant {variant!r}; choose from "
+                         f"{', '.join(VARIANTS)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.log_interval < 1 or any(n % args.log_interval for n in args.window):

@@ -2,12 +2,14 @@
 # The GPU speed measurements in one run, on a GPU machine without package access:
 #   1. attention: benchmarks/attention.py --device cuda --dtype bfloat16 --attention causal,
 #      batch 1, 8 heads, head dim 32 and 64 (d_model 256, 512), n = 64 ... 65536: fairseq softmax
-#      (need_weights=False), SDPA (flash), LeaP (the package's PyTorch forms) and LeaP through
-#      fla-core's kernel (fla backend); its decode-step and short-form cut-over sections too;
+#      (need_weights=False), SDPA (flash), LeaP (the package's PyTorch forms), LeaP through
+#      fla-core's kernel (fla backend) and LeaP with its feature map compiled
+#      (compile_feature_map); its decode-step and short-form cut-over sections too;
 #   2. tests: the tests of the backends (tests/test_backends.py), whose fla-core checks run on
 #      CUDA only;
 #   3. train: benchmarks/train_speed.py, the small wait-k text model (t2t/small) on gettext-mt
-#      en-de, softmax then LeaP, each alone, fp16, max-tokens 4096, updates 201-700.
+#      en-de, softmax, LeaP, then LeaP with --compile-feature-map, each alone, fp16, max-tokens
+#      4096, updates 201-700.
 # Writes OUT/device_speed.tgz (the results folders, for benchmarks/results/) and
 # OUT/test_backends.log.
 #
@@ -29,12 +31,13 @@
 #   PARTS [attention,tests,train]  what to run (a part left out is left out of the archive)
 #   DEVICE [cuda]; DTYPE [bfloat16]: of the attention benchmark (training: TRAIN_SETS)
 #   LENGTHS [64,128,...,65536]; HEAD_DIMS [32,64]; HEADS [8]
-#   METHODS [fairseq_softmax,sdpa,leap,leap_fla]; ATTENTION_ARGS []: more attention.py options
+#   METHODS [fairseq_softmax,sdpa,leap,leap_fla,leap_compiled]; ATTENTION_ARGS []: more attention.py options
 #                             (after the defaults --rounds 1 --repeats 10, so they win)
 #   CORPUS [data/gettext-mt-full/en-de.{split}.tsv]; MAX_TRAIN [0: all]
 #   T2T_CONFIG [t2t/small]; WINDOW [200,700]; LOG_INTERVAL [100]
-#   TRAIN_REPEATS [1]         rounds of the two runs (the second round in reverse order)
-#   TRAIN_SETS [fp16=true max-tokens=4096]: fairseq-train options KEY=VALUE for both runs
+#   TRAIN_TYPES [softmax,leap,leap+compiled]: train_speed.py's --attn-types
+#   TRAIN_REPEATS [1]         rounds of the runs (the second round in reverse order)
+#   TRAIN_SETS [fp16=true max-tokens=4096]: fairseq-train options KEY=VALUE for every run
 #                             (fairseq 0.12's bf16=true means a TPU: fp16 is its GPU precision)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +50,7 @@ DTYPE="${DTYPE:-bfloat16}"
 LENGTHS="${LENGTHS:-64,128,256,512,1024,2048,4096,8192,16384,32768,65536}"
 HEAD_DIMS="${HEAD_DIMS:-32,64}"
 HEADS="${HEADS:-8}"
-METHODS="${METHODS:-fairseq_softmax,sdpa,leap,leap_fla}"
+METHODS="${METHODS:-fairseq_softmax,sdpa,leap,leap_fla,leap_compiled}"
 ATTENTION_ARGS="${ATTENTION_ARGS:-}"
 DEFAULT_CORPUS='data/gettext-mt-full/en-de.{split}.tsv'
 CORPUS="${CORPUS:-$DEFAULT_CORPUS}"
@@ -55,6 +58,7 @@ MAX_TRAIN="${MAX_TRAIN:-0}"
 T2T_CONFIG="${T2T_CONFIG:-t2t/small}"
 WINDOW="${WINDOW:-200,700}"
 LOG_INTERVAL="${LOG_INTERVAL:-100}"
+TRAIN_TYPES="${TRAIN_TYPES:-softmax,leap,leap+compiled}"
 TRAIN_REPEATS="${TRAIN_REPEATS:-1}"
 TRAIN_SETS="${TRAIN_SETS:-fp16=true max-tokens=4096}"
 log() { echo "[device-speed $(date +%H:%M:%S)] $*"; }
@@ -99,9 +103,9 @@ if wants train; then
   for item in $TRAIN_SETS; do sets+=(--set "$item"); done
   device_flag=()
   [ "$DEVICE" = cpu ] && device_flag=(--cpu)
-  log "train: $T2T_CONFIG, softmax then leap, updates in ($WINDOW]"
+  log "train: $T2T_CONFIG, $TRAIN_TYPES, updates in ($WINDOW]"
   python3 benchmarks/train_speed.py --data "$WORK/t2t" --config "$T2T_CONFIG" \
-    --attn-types softmax,leap --repeats "$TRAIN_REPEATS" --window "$WINDOW" \
+    --attn-types "$TRAIN_TYPES" --repeats "$TRAIN_REPEATS" --window "$WINDOW" \
     --log-interval "$LOG_INTERVAL" \
     "${sets[@]}" "${device_flag[@]}" --work "$WORK/train_speed" \
     --out "$RESULTS/train_speed_gettext_en_de"

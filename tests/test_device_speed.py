@@ -1,6 +1,7 @@
 """scripts/device_speed.sh, the GPU machine's speed measurements, as a CPU smoke run at tiny size
 (its documented smoke command, without the backends' tests, which the suite runs anyway): the
-attention benchmark in bf16 and the training throughput of softmax and LeaP, packed as results
+attention benchmark in bf16 and the training throughput of softmax, LeaP and LeaP with its
+feature map compiled, packed as results
 folders; and the arithmetic of benchmarks/train_speed.py on known log lines."""
 import json
 import os
@@ -74,7 +75,7 @@ def test_training_speed_is_measured_over_the_window_of_each_run(results):
     report = json.loads(
         (results / "train_speed_gettext_en_de" / "train_speed_cpu.json").read_text())
     runs = {run["attn_type"]: run for run in report["runs"]}
-    assert list(runs) == ["softmax", "leap"] and report["window"] == [4, 8]
+    assert list(runs) == ["softmax", "leap", "leap+compiled"] and report["window"] == [4, 8]
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()
     assert report["commit"] in (head, head + "-dirty") and head
@@ -85,6 +86,10 @@ def test_training_speed_is_measured_over_the_window_of_each_run(results):
         assert abs(run["wall_s"] - run["seconds"]) <= 2  # fairseq's wall: whole seconds
     # the same batches whatever the attention: only the time differs
     assert runs["leap"]["target_tokens"] == runs["softmax"]["target_tokens"] > 0
+    assert runs["leap+compiled"]["target_tokens"] == runs["leap"]["target_tokens"]
+    # the variant reached fairseq-train: its run's resolved options carry the flag
+    config = Path(runs["leap+compiled"]["log"]).with_name("config.yaml").read_text()
+    assert "compile-feature-map: true" in config
     assert report["summary"]["leap"]["speed_vs_softmax"] == pytest.approx(
         runs["leap"]["updates_per_s"] / runs["softmax"]["updates_per_s"])
 
@@ -119,4 +124,11 @@ def test_a_kernel_method_is_refused_off_cuda(capsys):
     with pytest.raises(SystemExit):
         attention.parse_args(["--methods", "leap,leap_fla"])
     assert "--methods leap_fla: LEAPFORMER_ATTENTION_BACKEND=fla runs on CUDA tensors only" \
+        in capsys.readouterr().err
+
+
+def test_an_unknown_training_variant_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--data", str(tmp_path), "--attn-types", "softmax,leap+fast"])
+    assert "--attn-types leap+fast: unknown variant 'fast'; choose from compiled" \
         in capsys.readouterr().err

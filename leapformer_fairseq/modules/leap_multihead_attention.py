@@ -134,6 +134,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
         short_form_max_length: causal self-attention of at most this many rows takes the short
             form (one masked ``L x L`` chunk, no recomputation); ``None``: the measured cut-over
             of the input's device (``SHORT_FORM_MAX_LENGTH``).
+        compile_feature_map: in training mode, the parallel forms compute the feature map
+            (:meth:`_features`) through ``torch.compile`` (``COMPILED_FEATURES``), compiled on
+            the first training pass; evaluation and incremental calls stay eager.
 
     For the linear types, ``dropout`` is applied to the values (attention weights are never
     formed), so evaluation-mode outputs are deterministic; ``need_weights`` returns ``None``.
@@ -162,6 +165,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         chunk_size: int = 32,
         block_size: int = BLOCK_SIZE,
         short_form_max_length: Optional[int] = None,
+        compile_feature_map: bool = False,
         **fairseq_kwargs,
     ):
         if attn_type not in ATTN_TYPES:
@@ -216,6 +220,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
         self.chunk_size = chunk_size
         self.block_size = block_size
         self.short_form_max_length = short_form_max_length
+        self.compile_feature_map = compile_feature_map
         self._counts_positions = attn_type == "cosformer" or unit_causal
         self._hedgehog = attn_type == "hedgehog" or (
             attn_type == "leap" and leap_feature_map == "hedgehog")
@@ -376,7 +381,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
             out = self._blockwise_causal(x, positions, mask)
             return out if mask is None else out.masked_fill(mask[..., None], 0.0)
         qkv = self._self_projections(x, *self._qkv_projection())
-        q, k = self._features(qkv[:2], "qk", positions)
+        q, k = self._parallel_features(qkv[:2], "qk", positions)
         v = self.dropout_module(qkv[2])
         if form in ("causal short", "causal kernel"):
             if form == "causal short":
@@ -428,7 +433,7 @@ class LeaPMultiheadAttention(MultiheadAttention):
             x_block = x_block.transpose(0, 1)
             block_positions = None if positions is None else positions[:, rows]
             qkv = self._self_projections(x_block, weight, bias)
-            q, k = self._features(qkv[:2], "qk", block_positions, parameters)
+            q, k = self._parallel_features(qkv[:2], "qk", block_positions, parameters)
             return q, k, None if dropout_active else qkv[2]
 
         # the fused and stacked weights, built once, are what the blocks read: their gradients
@@ -455,9 +460,9 @@ class LeaPMultiheadAttention(MultiheadAttention):
         bsz = query.size(1)
         q_positions = self._positions(None, query.size(0), bsz, query.device)
         k_positions = self._positions(key_padding_mask, key.size(0), bsz, key.device)
-        q = self._features(self._split_heads(F.linear(query, *self._qkv_projection(1))),
-                           "q", q_positions)
-        k = self._features(self._split_heads(self.k_proj(key)), "k", k_positions)
+        q = self._parallel_features(
+            self._split_heads(F.linear(query, *self._qkv_projection(1))), "q", q_positions)
+        k = self._parallel_features(self._split_heads(self.k_proj(key)), "k", k_positions)
         v = self.dropout_module(self._split_heads(self.v_proj(value)))
         mask = self._per_head(key_padding_mask)
         if form != "bidirectional":
@@ -826,6 +831,14 @@ class LeaPMultiheadAttention(MultiheadAttention):
         features = features.view(sides, n, length, -1)
         return features if side == "qk" else features[0]
 
+    def _parallel_features(self, u: Tensor, side: str, positions: Optional[Tensor],
+                           parameters: Optional[Dict[str, Tuple[Tensor, ...]]] = None) -> Tensor:
+        """:meth:`_features` for the parallel forms: through ``COMPILED_FEATURES`` in training
+        mode with ``compile_feature_map``, eager otherwise."""
+        if self.compile_feature_map and self.training:
+            return COMPILED_FEATURES(self, u, side, positions, parameters)
+        return self._features(u, side, positions, parameters)
+
     def _feature_dim(self) -> int:
         """Width of ``phi``: d (linear), 2d (cosFormer, LeaP on ReLU, Hedgehog), 4d (LeaP on
         Hedgehog's features)."""
@@ -924,3 +937,10 @@ class LeaPMultiheadAttention(MultiheadAttention):
             attn_mask=attn_mask, before_softmax=before_softmax,
             need_head_weights=need_head_weights,
         )
+
+
+# The feature map of training passes with ``compile_feature_map``: one compiled function for
+# every module (the compiler guards on what the map reads: the attention type, the side, the
+# dtype), eager with one warning where compilation fails.
+COMPILED_FEATURES = ops.Compiled(LeaPMultiheadAttention._features, "compile_feature_map "
+                                 "(--compile-feature-map)", recompile_limit=32)

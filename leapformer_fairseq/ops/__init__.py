@@ -1,5 +1,7 @@
 """Pure tensor functions: feature maps, the forms of normalised linear attention, and the
-backends of the causal sums, and the fused decode step."""
+backends of the causal sums, and the fused decode step; ``Compiled``, a function through
+``torch.compile``."""
+from .compiled import Compiled
 from .feature_map import (
     cosformer_proportions,
     positions_from_padding,
@@ -43,6 +45,7 @@ __all__ = [
     "BACKENDS",
     "BACKEND_VARIABLE",
     "CausalSums",
+    "Compiled",
     "FeatureMap",
     "LinearAttentionState",
     "STEP_BACKENDS",

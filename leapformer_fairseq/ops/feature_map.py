@@ -35,12 +35,25 @@ def sincos_features(features: Tensor, proportion: Tensor) -> Tensor:
     return (weights.unsqueeze(-1) * features.unsqueeze(-2)).flatten(-2)
 
 
-@lru_cache(maxsize=None)
+# the phases that turn ``cos`` into ``[sin, cos]``
+PHASES = (-math.pi / 2, 0.0)
+
+
 def _phases(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``[-pi / 2, 0]``: the phases that turn ``cos`` into ``[sin, cos]``, ``(2,)`` (a normal
-    tensor even when first asked for under ``torch.inference_mode``)."""
+    """:data:`PHASES` as a ``(2,)`` tensor, made once per device and dtype; under
+    ``torch.compile`` a constant of the graph (the compiler would guard on a cache's contents,
+    and compile again once it fills)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(PHASES, device=device, dtype=dtype)
+    return _cached_phases(device, dtype)
+
+
+@lru_cache(maxsize=None)
+def _cached_phases(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:data:`PHASES` (a normal tensor even when first asked for under
+    ``torch.inference_mode``)."""
     with torch.inference_mode(False):
-        return torch.tensor([-math.pi / 2, 0.0], device=device, dtype=dtype)
+        return torch.tensor(PHASES, device=device, dtype=dtype)
 
 
 def stacked_linear(x: Tensor, weight_t: Tensor, bias: Tensor) -> Tensor:

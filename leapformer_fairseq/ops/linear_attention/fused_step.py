@@ -35,10 +35,9 @@ STEP_BACKENDS = ("auto", "torch", "cpp")
 SOURCE = Path(__file__).with_name("fused_step.cpp")
 
 
-@lru_cache(maxsize=None)
-def compiled_step() -> ModuleType:
-    """The compiled op, built from ``fused_step.cpp`` on first use (PyTorch caches the build)."""
-    # importing cpp_extension warns that no CUDA runtime is found: true and irrelevant here
+def quiet_cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its warning that no CUDA runtime is
+    found (true and irrelevant on a CPU; the compilers here import it too)."""
     extension_logger = logging.getLogger("torch.utils.cpp_extension")
     level = extension_logger.level
     extension_logger.setLevel(logging.ERROR)
@@ -46,6 +45,13 @@ def compiled_step() -> ModuleType:
         from torch.utils import cpp_extension
     finally:
         extension_logger.setLevel(level)
+    return cpp_extension
+
+
+@lru_cache(maxsize=None)
+def compiled_step() -> ModuleType:
+    """The compiled op, built from ``fused_step.cpp`` on first use (PyTorch caches the build)."""
+    cpp_extension = quiet_cpp_extension()
     if shutil.which("ninja") is None:  # PyTorch builds with ninja; pip's ninja package (a
         import ninja  # dependency) puts it beside the interpreter, off PATH outside a venv
 
