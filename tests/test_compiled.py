@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
-from test_forms import HALF_EPS, parallel_case, recorded_forms
+from test_forms import (
+    HALF_EPS,
+    assert_matches_reference_with_gradients,
+    parallel_case,
+    recorded_forms,
+)
 from test_module import EMBED, LINEAR_VARIANTS, make_module, reference
 
 from leapformer_fairseq.modules import leap_multihead_attention
@@ -58,19 +63,7 @@ def test_compiled_feature_map_matches_the_float64_reference_with_gradients(form,
     out, _ = module(x, source, source, key_padding_mask=padding, **call)
     assert forms == [form] and calls == []
     assert leap_multihead_attention.COMPILED_FEATURES.error is None
-    expected = reference(module, x, source, padding, allowed)
-    keep = slice(None) if padding is None or not module.self_attention else ~padding.T
-    torch.testing.assert_close(out[keep], expected[keep], atol=1e-12, rtol=1e-10)
-    cotangent = torch.randn_like(out).masked_fill(~keep[..., None], 0.0) \
-        if isinstance(keep, torch.Tensor) else torch.randn_like(out)
-    leaves = [x, *module.parameters()]
-    ours = torch.autograd.grad(out, leaves, cotangent, allow_unused=True)
-    theirs = torch.autograd.grad(expected, leaves, cotangent, allow_unused=True)
-    for name, actual, wanted in zip(["x", *dict(module.named_parameters())], ours, theirs):
-        if wanted is None:
-            assert actual is None or not actual.any(), name
-        else:
-            torch.testing.assert_close(actual, wanted, atol=1e-10, rtol=1e-8, msg=name)
+    assert_matches_reference_with_gradients(module, out, x, source, padding, allowed)
     module.eval()  # evaluation stays eager
     module(x, source, source, key_padding_mask=padding, **call)
     assert calls

@@ -113,6 +113,13 @@ def test_parallel_forms_match_the_float64_reference_with_gradients(form, variant
                                                          dtype=torch.float64)
     out, _ = module(x, source, source, key_padding_mask=padding, **call)
     assert forms == [form]
+    assert_matches_reference_with_gradients(module, out, x, source, padding, allowed)
+
+
+def assert_matches_reference_with_gradients(module, out, x, source, padding, allowed):
+    """``out`` of a float64 parallel call ``module(x, source, source, key_padding_mask=padding,
+    ...)`` against the naive reference (queries may see the keys ``allowed``), and the gradients
+    of ``x`` and every parameter under the same random cotangent (padded rows excluded)."""
     expected = reference(module, x, source, padding, allowed)
     keep = slice(None) if padding is None or not module.self_attention else ~padding.T
     torch.testing.assert_close(out[keep], expected[keep], atol=1e-12, rtol=1e-10)
