@@ -14,8 +14,9 @@
 # OUT/test_backends.log.
 #
 # Here, once:   bash scripts/device_bundle.sh     (fairseq, fla-core and the rest as wheels)
-# There (the device tool's command, with .device carried; not yet run on a GPU: about 8
-# minutes on an H200 by estimate):
+# There (the device tool's command, with .device carried; not yet run on a GPU: about 10
+# minutes on an H200 by estimate, a minute or two of it compiling LeaP's feature map for the
+# leap_compiled and leap+compiled measurements; METHODS and TRAIN_TYPES without them save that):
 #   . scripts/device_env.sh && bash scripts/device_speed.sh 2>&1 | tee $OUT/device_speed.log
 # Back here:  tar xzf device_speed.tgz -C benchmarks/results   (docs/benchmarks.md)
 # A CPU smoke run here (what CI runs, at tiny size; the backends' tests run in the suite anyway):
