@@ -34,6 +34,12 @@ def fresh_compiler():
     torch._dynamo.reset()
 
 
+def compiled_graphs() -> int:
+    """Graphs PyTorch has compiled in this process so far (``torch._dynamo.reset`` keeps the
+    count): a call that compiled nothing leaves it unchanged."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def eager_calls(module):
     """Record each eager call of ``module._features`` in the returned list (the compiled map
     calls the class's function, not the instance's attribute)."""
@@ -60,8 +66,9 @@ def test_compiled_feature_map_matches_the_float64_reference_with_gradients(form,
     x = torch.randn(length, 2, EMBED, dtype=torch.float64, requires_grad=True)
     source = x if module.self_attention else torch.randn(source_length, 2, EMBED,
                                                          dtype=torch.float64)
+    graphs = compiled_graphs()
     out, _ = module(x, source, source, key_padding_mask=padding, **call)
-    assert forms == [form] and calls == []
+    assert forms == [form] and calls == [] and compiled_graphs() > graphs
     assert leap_multihead_attention.COMPILED_FEATURES.error is None
     assert_matches_reference_with_gradients(module, out, x, source, padding, allowed)
     module.eval()  # evaluation stays eager
@@ -79,13 +86,14 @@ def test_compiled_feature_map_in_half_precision(variant, dtype):
                          compile_feature_map=True).to(dtype).train()
     calls = eager_calls(module)
     x = (3 * torch.randn(length, 2, EMBED)).to(dtype)
+    graphs = compiled_graphs()
     with torch.no_grad():
         out = module(x, x, x, need_weights=False)[0]
         reference_module = make_module(variant, self_attention=True, causal=True)
         reference_module.load_state_dict({k: v.double() for k, v in module.state_dict().items()})
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         expected = reference(reference_module.double(), x.double(), x.double(), None, causal)
-    assert calls == [] and out.dtype == dtype
+    assert calls == [] and compiled_graphs() > graphs and out.dtype == dtype
     error = (out.double() - expected).abs().max() / expected.abs().max()
     assert error <= HALF_EPS * torch.finfo(dtype).eps, f"error {error:.3g}"
 
@@ -141,6 +149,7 @@ def test_a_model_trains_with_the_compiled_map_within_the_graph_limit(caplog):
     calls = [eager_calls(m) for m in models[True].modules()
              if isinstance(m, LeaPMultiheadAttention) and m.attn_type != "softmax"]
     generator = torch.Generator().manual_seed(0)
+    graphs = compiled_graphs()
     with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
         for batch, source_length, target_length in ((3, 7, 9), (5, 11, 6), (2, 16, 15)):
             source = torch.randint(dictionary.nspecial, len(dictionary),
@@ -159,6 +168,6 @@ def test_a_model_trains_with_the_compiled_map_within_the_graph_limit(caplog):
                 model.zero_grad(set_to_none=True)
             for eager, compiled in zip(*results):
                 torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
-    assert calls and not any(calls)
+    assert calls and not any(calls) and compiled_graphs() > graphs
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert leap_multihead_attention.COMPILED_FEATURES.error is None
