@@ -25,6 +25,7 @@ from simuleval.data.segments import SpeechSegment
 
 from leapformer_fairseq.audio import GlobalCMVN, num_frames, to_int16_scale
 from leapformer_fairseq.models.streaming import load_streaming_model, speech_waitk_greedy_decode
+from leapformer_fairseq.recipes.s2t import side_by_side
 from leapformer_fairseq.simuleval_scores import read_scores_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,11 @@ def test_heldout_voices_are_scored_against_the_same_references(demo):
     assert scores["AL_CA"] > scores["AL"] > 0
     instances = [json.loads(line) for line in (run / "instances.log").open()]
     assert [instance["source"][0] for instance in instances] == heldout
+    # the transcripts beside them: what the voices say, the test pairs' English side
+    pairs = (ROOT / "data" / "gettext-mt" / "en-de.test.tsv").read_text().splitlines()[1:]
+    transcripts = [line.split("\t")[1] for line in pairs[:TEST_UTTERANCES]]
+    for name in ("heldout", "eval"):
+        assert (demo / f"{name}.en").read_text().splitlines() == transcripts
 
 
 def test_asr_encoder_initialised_the_st_model(demo):
@@ -325,6 +331,102 @@ def test_st_checkpoint_runs_without_its_asr_run(demo, tmp_path):
             assert torch.equal(tensor, expected[name]), name
     finally:
         shutil.move(tmp_path / "asr_leap_k2", asr_run)
+
+
+def test_a_packaged_model_streams_from_its_folder_alone(demo, tmp_path):
+    """``package`` makes the ST run a folder that needs nothing else: the checkpoint in fp16
+    without optimizer state, and the SentencePiece model, vocabulary and CMVN its configuration
+    names within the folder (the folder is streamed from elsewhere, the prepared data's copies
+    renamed away meanwhile). ``show`` streams it over the held-out voices and prints each
+    transcript beside the translation it streamed, then BLEU, AL and AL_CA as re-scored."""
+    checkpoint = demo / "runs" / "st_leap_k2" / "checkpoint_last.pt"
+    model = tmp_path / "model"
+    done = run([sys.executable, ROOT / "scripts" / "s2t_recipe.py", "package", "--data", demo,
+                "--checkpoint", checkpoint, "--out", model])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert sorted(path.name for path in model.iterdir()) == [
+        "checkpoint.pt", "config_st.yaml", "gcmvn.npz", "model.json", "spm_st.model",
+        "spm_st.txt"]
+    assert json.loads((model / "model.json").read_text()) == {
+        "arch": "leapformer_s2t_waitk_tiny", "encoder_attn_type": "leap",
+        "decoder_attn_type": "leap", "cross_attn_type": "leap", "leap_feature_map": "hedgehog",
+        "waitk_lagging": 2, "frames_per_unit": 3, "num_updates": 12}
+    packaged = torch.load(model / "checkpoint.pt", weights_only=False)
+    trained = torch.load(checkpoint, weights_only=False)
+    assert "last_optimizer_state" not in packaged
+    for name, tensor in trained["model"].items():
+        assert torch.equal(packaged["model"][name], tensor.half()), name
+
+    moved = {name: demo / f"moved-{name}" for name in ("spm_st.model", "spm_st.txt", "gcmvn.npz")}
+    for name, path in moved.items():
+        (demo / name).rename(path)
+    try:
+        output = tmp_path / "show"
+        done = run([sys.executable, ROOT / "scripts" / "s2t_recipe.py", "show", "--model", model,
+                    "--data", demo, "--sentences", "4", "--segment-ms", "160",
+                    "--out", output])
+    finally:
+        for name, path in moved.items():
+            path.rename(demo / name)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    instances = [json.loads(line) for line in (output / "instances.log").open()]
+    wavs = (demo / "heldout.wav_list").read_text().splitlines()[:4]
+    assert [instance["source"][0] for instance in instances] == wavs
+    transcripts = (demo / "heldout.en").read_text().splitlines()[:4]
+    table = side_by_side([("transcript", "translation"),
+                          *zip(transcripts, (item["prediction"] for item in instances))])
+    assert "\n".join(table) in done.stdout
+    scores = read_scores_tsv(output / "scores_plain_ca.tsv")
+    assert (f"BLEU {scores['BLEU']:.2f}  AL {scores['AL']:.0f} ms  "
+            f"AL_CA {scores['AL_CA']:.0f} ms") in done.stdout
+    assert "LeaP wait-2, 120 ms units, 12 updates" in done.stdout
+
+
+def test_package_and_show_refuse_what_they_cannot_use(demo, tmp_path):
+    """An ASR run and a multi-path run are refused by package; a folder that is not a package
+    is named with the missing file, the demo checking ``--model`` before it trains; show names
+    the transcripts a prepared folder lacks."""
+    recipe = [sys.executable, ROOT / "scripts" / "s2t_recipe.py"]
+    multipath = tmp_path / "multipath"
+    done = run(speech_train_command(demo, "leapformer_s2t_waitk_tiny", multipath,
+                                    "--waitk-lagging", "1-3", "--frames-per-unit", "3"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    for checkpoint, message in (
+            (demo / "runs" / "asr_leap_k2" / "checkpoint_last.pt",
+             "is not a train-st run (trained with --config-yaml config_asr.yaml)"),
+            (multipath / "checkpoint_last.pt",
+             "is a multi-path model (wait-k 1-3); package takes a single-k run")):
+        done = run([*recipe, "package", "--data", demo, "--checkpoint", checkpoint,
+                    "--out", tmp_path / "model"])
+        assert done.returncode != 0 and f"--checkpoint {checkpoint} {message}" in done.stderr
+        assert not (tmp_path / "model").exists()
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "model.json").write_text("{}")
+    done = run([*recipe, "demo", "--out", tmp_path / "demo", "--model", half])
+    assert done.returncode != 0
+    assert f"--model {half}: missing {half / 'checkpoint.pt'}" in done.stderr
+    assert not (tmp_path / "demo").exists()
+    for name in ("checkpoint.pt", "config_st.yaml", "spm_st.model", "spm_st.txt", "gcmvn.npz"):
+        (half / name).write_text("")  # every file present: show reads none before the data
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(demo / "recipe.json", data / "recipe.json")
+    done = run([*recipe, "show", "--model", half, "--data", data])
+    assert done.returncode != 0
+    assert f"show: missing {data / 'heldout.en'}; run prepare again" in done.stderr
+
+
+def test_side_by_side_wraps_each_column_and_keeps_every_word():
+    left = "Emit information about resource usage in sorting."
+    right = "Gibt Informationen über die Ressourcenverwendung beim Sortieren aus."
+    lines = side_by_side([(left, right), ("", "leer")], width=20)
+    assert all(line.startswith("  ") for line in lines)
+    columns = [line[2:].split(" | ") for line in lines]
+    assert all(len(cells) == 2 and len(cells[0]) == 20 for cells in columns)
+    assert " ".join(cells[0] for cells in columns[:-1]).split() == left.split()
+    assert " ".join(cells[1] for cells in columns[:-1]).split() == right.split()
+    assert columns[-1] == [" " * 20, "leer"]
 
 
 def test_fairseq_generate_on_the_offline_speech_arch(demo, tmp_path):

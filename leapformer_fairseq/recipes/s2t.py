@@ -6,6 +6,8 @@
     python scripts/s2t_recipe.py evaluate --data work/s2t-en-de --attn-types leap,softmax --waitk 5
     python scripts/s2t_recipe.py demo      # TTS slice -> all of the above, tiny models (make demo)
     python scripts/s2t_recipe.py receive --from DEVICE_OUT --data-root TTS_ROOT --out DATA
+    python scripts/s2t_recipe.py package --data DATA --checkpoint RUN/checkpoint_last.pt --out MODEL
+    python scripts/s2t_recipe.py show --model MODEL --data DATA --test-set heldout
 
 ``prepare`` runs ``scripts/prep_mustc.py`` (the real MuST-C layout, or the output of
 ``scripts/make_tts_corpus.py``) and cuts the evaluation split's segments into wav files for
@@ -16,17 +18,22 @@ the ``simuleval`` CLI with the speech agent and ``--computation-aware``, then re
 run's instances.log with SimulEval's own scorers for plain and computation-aware latency side by
 side (:mod:`leapformer_fairseq.simuleval_scores`; SimulEval 1.1.4's ``--computation-aware`` makes
 its plain columns computation-aware too). ``receive`` sets up the evaluation here of the ST
-models that ``scripts/device_s2t.sh`` trained on another machine (docs/recipes.md).
+models that ``scripts/device_s2t.sh`` trained on another machine (docs/recipes.md). ``package``
+makes an ST checkpoint a model folder that needs nothing else; ``show`` streams one over a test
+set, printing each transcript beside its translation.
 """
 import argparse
+import itertools
 import json
 import shutil
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import soundfile
+import yaml
 
 from leapformer_fairseq.audio import SAMPLE_RATE
 from leapformer_fairseq.recipes.common import (
@@ -36,6 +43,7 @@ from leapformer_fairseq.recipes.common import (
     SIMULEVAL,
     Recipe,
     atomic_output,
+    read_lines,
     read_recipe,
     write_text,
 )
@@ -54,6 +62,7 @@ from leapformer_fairseq.recipes.config import (
     resolve,
     run_label,
     train_run,
+    trained_options,
 )
 from leapformer_fairseq.recipes.mustc import (
     SPECAUGMENT_POLICIES,
@@ -81,6 +90,13 @@ TEST_SETS = {  # evaluation set -> what prepare cut into it; results go to OUT/<
 DEVICE_FILES = ("data.tgz", TTS_MARKER)
 TTS_SETTINGS = ("corpus", "src", "tgt", "per_talk", "voices", "heldout_voices", "speeds",
                 "pause", "seed")
+# a folder of package: the compact checkpoint, its record, and the files config_st.yaml names
+MODEL_CHECKPOINT, MODEL_RECORD = "checkpoint.pt", "model.json"
+MODEL_DATA = ("spm_st.model", "spm_st.txt", "gcmvn.npz")
+# the training options model.json records (besides num_updates)
+MODEL_OPTIONS = ("arch", "encoder_attn_type", "decoder_attn_type", "cross_attn_type",
+                 "leap_feature_map", "waitk_lagging", "frames_per_unit")
+SIDE_BY_SIDE_WIDTH = 44  # characters per column of show's transcripts and translations
 TABLE_COLUMNS = ("BLEU", *[f"{m}{suffix}" for m in LATENCY_METRICS for suffix in ("", "_CA")])
 RECIPE = Recipe("s2t")
 log, run = RECIPE.log, RECIPE.run
@@ -111,8 +127,8 @@ def prepare(args) -> None:
 def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resample: bool,
                       limit: int, test_set: str) -> None:
     """One 16 kHz wav per segment of ``split`` for SimulEval (``<test_set>_wavs/``), with the
-    source list (``<test_set>.wav_list``) and references (``<test_set>.<lang>``) in the same
-    order; ``test_set`` is a key of ``TEST_SETS``."""
+    source list (``<test_set>.wav_list``), references (``<test_set>.<lang>``) and transcripts
+    (``<test_set>.en``) in the same order; ``test_set`` is a key of ``TEST_SETS``."""
     root = data_root / f"en-{lang}"
     segments = read_split(root, split, lang)
     if limit:
@@ -133,6 +149,7 @@ def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resampl
         paths.append(str(path.resolve()))
     write_text(out / f"{test_set}.wav_list", "".join(p + "\n" for p in paths))
     write_text(out / f"{test_set}.{lang}", "".join(s["tgt"] + "\n" for s in segments))
+    write_text(out / f"{test_set}.en", "".join(s["en"] + "\n" for s in segments))
     log(f"prepare: {len(paths)} {split} segments -> {folder}")
 
 
@@ -181,10 +198,13 @@ def train_command(args) -> None:
 # --------------------------------------------------------------------------- evaluate
 def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, segment_ms: int,
               sentences: int, quiet: bool = False, extra: Sequence = (),
-              test_set: str = "eval", shards: int = 1) -> Dict[str, float]:
+              test_set: str = "eval", shards: int = 1,
+              model_data: Optional[Path] = None) -> Dict[str, float]:
     """SimulEval CLI with the speech agent and ``--computation-aware`` on ``test_set`` (a key
-    of ``TEST_SETS``), ``shards`` SimulEval processes sharing the segments; returns BLEU and
-    each latency metric plain and ``_CA`` (also written to ``output/scores_plain_ca.tsv``)."""
+    of ``TEST_SETS``) of ``data``, ``shards`` SimulEval processes sharing the segments; the
+    agent reads ``config_st.yaml`` and what it names from ``model_data`` (default ``data``).
+    Returns BLEU and each latency metric plain and ``_CA`` (also written to
+    ``output/scores_plain_ca.tsv``)."""
     recipe = read_recipe(data, "s2t", "evaluate")
     source, target = data / f"{test_set}.wav_list", data / f"{test_set}.{recipe['lang']}"
     for path in (source, target):
@@ -196,7 +216,8 @@ def simuleval(data: Path, checkpoint: Path, output: Path, waitk: int, segment_ms
     (output / "instances.log").unlink(missing_ok=True)  # SimulEval appends to it
     RECIPE.simuleval(
         [*SIMULEVAL, "--agent", AGENT, "--source", source, "--target", target,
-         "--checkpoint", checkpoint, "--data-dir", data, "--config-yaml", "config_st.yaml",
+         "--checkpoint", checkpoint, "--data-dir", model_data or data,
+         "--config-yaml", "config_st.yaml",
          "--waitk", waitk, "--output", output, "--source-segment-size", segment_ms, *extra],
         ["--source-type", "speech", "--target-type", "text", "--quality-metrics", "BLEU",
          "--latency-metrics", *LATENCY_METRICS, "--eval-latency-unit", "word",
@@ -279,13 +300,132 @@ def receive(args) -> None:
         f"{out} --attn-types ... --waitk ... --test-set eval (then heldout)")
 
 
+# ---------------------------------------------------------------------------- package
+def package(args) -> None:
+    """``--checkpoint``, an ST run of ``--data``, as a model folder that needs nothing else: the
+    checkpoint without optimizer state, in fp16 (:mod:`leapformer_fairseq.compact`), the files
+    its data configuration names (SentencePiece model and vocabulary, CMVN) with a
+    ``config_st.yaml`` naming them within the folder, and ``model.json`` (the model's attention,
+    wait-k, unit size and updates) for ``show``."""
+    data, checkpoint, out = Path(args.data), Path(args.checkpoint), Path(args.out)
+    config_path = data / "config_st.yaml"
+    for path, flag in ((config_path, "--data"), (checkpoint, "--checkpoint")):
+        if not path.is_file():
+            raise RECIPE.fail(f"package: {flag}: {path} not found")
+    config = yaml.safe_load(config_path.read_text())
+    try:
+        named = {"spm_st.model": config["bpe_tokenizer"]["sentencepiece_model"],
+                 "spm_st.txt": config["vocab_filename"],
+                 "gcmvn.npz": config["global_cmvn"]["stats_npz_path"]}
+    except (KeyError, TypeError) as error:
+        raise RECIPE.fail(f"package: {config_path} names no {error} (not a prepare output)")
+    sources = {name: data / path for name, path in named.items()}  # an absolute path stays
+    for name, source in sources.items():
+        if not source.is_file():
+            raise RECIPE.fail(f"package: {source}, which {config_path} names, not found")
+    try:
+        options = trained_options(checkpoint) or {}
+    except ConfigError as error:
+        raise RECIPE.fail(f"package: --checkpoint {error}") from None
+    if options.get("config_yaml") != "config_st.yaml":
+        raise RECIPE.fail(f"package: --checkpoint {checkpoint} is not a train-st run "
+                          f"(trained with --config-yaml {options.get('config_yaml')})")
+    if not isinstance(options.get("waitk_lagging"), int):
+        raise RECIPE.fail(f"package: --checkpoint {checkpoint} is a multi-path model (wait-k "
+                          f"{options.get('waitk_lagging')}); package takes a single-k run")
+    import torch
+
+    from leapformer_fairseq.compact import compact_state
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        shutil.copyfile(source, out / name)
+    config = {**config, "vocab_filename": "spm_st.txt",
+              "bpe_tokenizer": {**config["bpe_tokenizer"], "sentencepiece_model": "spm_st.model"},
+              "global_cmvn": {"stats_npz_path": "gcmvn.npz"},
+              # evaluation reads the '*' transforms; SpecAugment was the train split's only
+              "feature_transforms": {"*": config["feature_transforms"]["*"]}}
+    config.pop("specaugment", None)
+    write_text(out / "config_st.yaml", yaml.safe_dump(config, sort_keys=False))
+    with atomic_output(out / MODEL_CHECKPOINT) as partial:
+        torch.save(compact_state(state, fp16=True), partial)
+    record = {name: options.get(name) for name in MODEL_OPTIONS}
+    record["num_updates"] = state["optimizer_history"][-1]["num_updates"]
+    write_text(out / MODEL_RECORD, json.dumps(record, indent=1) + "\n")
+    size = sum(path.stat().st_size for path in out.iterdir()) / 2**20
+    log(f"package: {checkpoint} -> {out} ({size:.1f} MiB)")
+
+
+def read_model(model: Path, flag: str) -> Dict:
+    """The ``model.json`` of a ``package`` folder, after checking that the folder holds every
+    file of one; a missing one stops the recipe naming it and ``flag``."""
+    for name in (MODEL_CHECKPOINT, MODEL_RECORD, "config_st.yaml", *MODEL_DATA):
+        if not (model / name).is_file():
+            raise RECIPE.fail(f"{flag} {model}: missing {model / name}; make the folder with "
+                              "s2t_recipe.py package")
+    return json.loads((model / MODEL_RECORD).read_text())
+
+
+def show_model(model: Path, data: Path, output: Path, test_set: str, utterances: int,
+               segment_ms: int) -> Dict[str, float]:
+    """Stream the ``package`` folder ``model`` over the first ``utterances`` (0: all) of
+    ``test_set`` of ``data`` (SimulEval with ``--computation-aware``); print each transcript
+    beside its streamed translation, then BLEU, AL and AL_CA, which it returns with the other
+    scores."""
+    record = read_model(model, "--model")
+    transcripts = data / f"{test_set}.en"
+    if not transcripts.is_file():
+        raise RECIPE.fail(f"show: missing {transcripts}; run prepare again (it writes the "
+                          "transcripts of each test set)")
+    scores = simuleval(data, model / MODEL_CHECKPOINT, output, record["waitk_lagging"],
+                       segment_ms, utterances, quiet=True, test_set=test_set, model_data=model)
+    instances = [json.loads(line) for line in (output / "instances.log").open()]
+    pairs = zip(read_lines(transcripts, "s2t"), (item["prediction"] for item in instances))
+    print(f"\n{model_title(record)} ({model}), streamed over {len(instances)} utterances "
+          f"({data / test_set}.wav_list):\n"
+          + "\n".join(side_by_side([("transcript", "translation"), *pairs]))
+          + f"\n  BLEU {scores['BLEU']:.2f}  AL {scores['AL']:.0f} ms  "
+          f"AL_CA {scores['AL_CA']:.0f} ms")
+    return scores
+
+
+def model_title(record: Dict) -> str:
+    """``LeaP wait-5, 360 ms units, 3,000 updates`` for a ``model.json``."""
+    types = {record[f"{part}_attn_type"] for part in ("encoder", "decoder", "cross")}
+    attention = "/".join(sorted(types)) if len(types) > 1 else types.pop()
+    attention = {"leap": "LeaP"}.get(attention, attention)
+    return (f"{attention} wait-{record['waitk_lagging']}, {record['frames_per_unit'] * 40} ms "
+            f"units, {record['num_updates']:,} updates")
+
+
+def side_by_side(rows: Sequence[Tuple[str, str]], width: int = SIDE_BY_SIDE_WIDTH) -> List[str]:
+    """Two columns, each entry wrapped at ``width`` characters, the left one padded."""
+    lines = []
+    for left, right in rows:
+        wrapped = itertools.zip_longest(textwrap.wrap(left, width) or [""],
+                                        textwrap.wrap(right, width) or [""], fillvalue="")
+        lines += [f"  {a:<{width}} | {b}" for a, b in wrapped]
+    return lines
+
+
+def show(args) -> None:
+    data, model = Path(args.data), Path(args.model)
+    read_recipe(data, "s2t", "show")
+    show_model(model, data, Path(args.out) if args.out else data / args.test_set / "model",
+               args.test_set, args.sentences, args.segment_ms)
+
+
 # ------------------------------------------------------------------------------- demo
 def demo(args) -> None:
     """Synthesise a slice of the built-in gettext-mt data, prepare it, train a tiny ASR and a
     tiny wait-k ST model (configs/s2t/demo_asr.yaml, demo_st.yaml: LeaP, CPU), evaluate with
     SimulEval on the test pairs in the training voices and in the held-out voices, and print
-    BLEU, AL and AL_CA of each."""
+    BLEU, AL and AL_CA of each; with ``--model``, then stream that ``package`` folder over the
+    held-out voices' test pairs (``show_model``)."""
     out = Path(args.out)
+    if args.model:  # before the training, not after
+        read_model(Path(args.model), "--model")
     corpus = ROOT / "data" / "gettext-mt" / "en-de.{split}.tsv"
     run([sys.executable, ROOT / "scripts" / "make_tts_corpus.py", "--corpus", corpus,
          "--src", "en", "--tgt", "de", "--out", out / "tts", "--max-train", args.train_pairs,
@@ -314,6 +454,9 @@ def demo(args) -> None:
                      f"AL_CA {scores['AL_CA']:.0f} ms")
     print(f"\nSpeech demo ({st.attn_type} wait-{st.waitk}, ASR {args.asr_updates} + ST "
           f"{args.st_updates} updates, {args.test_pairs} test utterances):\n" + "\n".join(lines))
+    if args.model:
+        show_model(Path(args.model), out, out / "heldout" / "model", "heldout",
+                   args.model_utterances, args.segment_ms)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,7 +532,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr-updates", type=int, default=150)
     p.add_argument("--st-updates", type=int, default=150)
     p.add_argument("--segment-ms", type=int, default=200)
+    p.add_argument("--model", help="a package folder to stream over the held-out voices' test "
+                   "pairs after the training run (make demo: data/s2t-model)")
+    p.add_argument("--model-utterances", type=int, default=0,
+                   help="--model streams the first N test pairs (0: all --test-pairs)")
     p.set_defaults(run=demo)
+
+    p = commands.add_parser("package", help="an ST checkpoint as a model folder that needs "
+                            "nothing else (fp16, its SentencePiece model, vocabulary and CMVN)")
+    p.add_argument("--data", required=True, help="the prepare --out directory it trained on")
+    p.add_argument("--checkpoint", required=True, help="a train-st checkpoint")
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.set_defaults(run=package)
+
+    p = commands.add_parser("show", help="stream a package folder over a test set, printing "
+                            "each transcript beside its translation")
+    p.add_argument("--model", required=True, help="a package folder")
+    p.add_argument("--data", required=True, help="a prepare --out directory (its test sets)")
+    p.add_argument("--test-set", choices=TEST_SETS, default="heldout",
+                   help="; ".join(f"{name}: {what}" for name, what in TEST_SETS.items()))
+    p.add_argument("--sentences", type=int, default=0, help="first N segments (0: all)")
+    p.add_argument("--segment-ms", type=int, default=200)
+    p.add_argument("--out", help="SimulEval's output (default DATA/<test set>/model)")
+    p.set_defaults(run=show)
 
     return parser
 
