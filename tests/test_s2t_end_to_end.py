@@ -379,7 +379,7 @@ def test_a_packaged_model_streams_from_its_folder_alone(demo, tmp_path):
     scores = read_scores_tsv(output / "scores_plain_ca.tsv")
     assert (f"BLEU {scores['BLEU']:.2f}  AL {scores['AL']:.0f} ms  "
             f"AL_CA {scores['AL_CA']:.0f} ms") in done.stdout
-    assert "LeaP wait-2, 120 ms units, 12 updates" in done.stdout
+    assert "LeaP wait-2 on units of 3 encoder frames, 12 updates" in done.stdout
 
 
 def test_package_and_show_refuse_what_they_cannot_use(demo, tmp_path):

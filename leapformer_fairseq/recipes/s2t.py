@@ -391,12 +391,12 @@ def show_model(model: Path, data: Path, output: Path, test_set: str, utterances:
 
 
 def model_title(record: Dict) -> str:
-    """``LeaP wait-5, 360 ms units, 3,000 updates`` for a ``model.json``."""
+    """``LeaP wait-5 on units of 9 encoder frames, 3,000 updates`` for a ``model.json``."""
     types = {record[f"{part}_attn_type"] for part in ("encoder", "decoder", "cross")}
     attention = "/".join(sorted(types)) if len(types) > 1 else types.pop()
     attention = {"leap": "LeaP"}.get(attention, attention)
-    return (f"{attention} wait-{record['waitk_lagging']}, {record['frames_per_unit'] * 40} ms "
-            f"units, {record['num_updates']:,} updates")
+    return (f"{attention} wait-{record['waitk_lagging']} on units of "
+            f"{record['frames_per_unit']} encoder frames, {record['num_updates']:,} updates")
 
 
 def side_by_side(rows: Sequence[Tuple[str, str]], width: int = SIDE_BY_SIDE_WIDTH) -> List[str]:
