@@ -82,6 +82,38 @@ def test_heldout_voices_are_scored_against_the_same_references(demo):
         assert (demo / f"{name}.en").read_text().splitlines() == transcripts
 
 
+def test_prepare_tests_only_cuts_the_test_sets_again_and_nothing_else(demo, tmp_path):
+    """``prepare --tests-only`` into an earlier output: the test sets' wavs, references and
+    transcripts cut again from the data root (here their first 4 segments), every other file
+    left as it was and none added; another --lang than the output's is refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("recipe.json", "spm_st.model"):
+        shutil.copyfile(demo / name, data / name)
+    command = [sys.executable, ROOT / "scripts" / "s2t_recipe.py", "prepare", "--tests-only",
+               "--data-root", demo / "tts", "--out", data, "--heldout-split", "tst-HE",
+               "--max-eval", "4"]
+    done = run(command)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert sorted(path.name for path in data.iterdir()) == sorted(
+        ["recipe.json", "spm_st.model"]
+        + [f"{test_set}{suffix}" for test_set in ("eval", "heldout")
+           for suffix in ("_wavs", ".wav_list", ".de", ".en")])
+    for name in ("recipe.json", "spm_st.model"):
+        assert (data / name).read_bytes() == (demo / name).read_bytes()
+    for test_set in ("eval", "heldout"):
+        for suffix in (".de", ".en"):
+            assert (data / f"{test_set}{suffix}").read_text().splitlines() == \
+                (demo / f"{test_set}{suffix}").read_text().splitlines()[:4]
+        wavs = [(data / f"{test_set}.wav_list").read_text().splitlines(),
+                (demo / f"{test_set}.wav_list").read_text().splitlines()[:4]]
+        assert [Path(path).read_bytes() for path in wavs[0]] == \
+            [Path(path).read_bytes() for path in wavs[1]]
+    done = run([*command, "--lang", "es"])
+    assert done.returncode != 0
+    assert f"prepare --tests-only: --lang es, but {data} was prepared for de" in done.stderr
+
+
 def test_asr_encoder_initialised_the_st_model(demo):
     asr = torch.load(demo / "runs" / "asr_leap_k2" / "checkpoint_last.pt", weights_only=False)
     st_args = torch.load(demo / "runs" / "st_leap_k2" / "checkpoint_last.pt",

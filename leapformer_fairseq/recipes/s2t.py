@@ -105,6 +105,9 @@ log, run = RECIPE.log, RECIPE.run
 # ---------------------------------------------------------------------------- prepare
 def prepare(args) -> None:
     out = Path(args.out)
+    if args.tests_only:
+        prepare_tests(args, out)
+        return
     run([sys.executable, ROOT / "scripts" / "prep_mustc.py", "--data-root", args.data_root,
          "--lang", args.lang, "--splits", ",".join([args.train_split, args.valid_split,
                                                     args.eval_split]),
@@ -122,6 +125,25 @@ def prepare(args) -> None:
         "lang": args.lang, "train": args.train_split, "valid": args.valid_split,
         "eval": args.eval_split, "heldout": args.heldout_split}) + "\n")
     log(f"prepare: done -> {out}")
+
+
+def prepare_tests(args, out: Path) -> None:
+    """``prepare --tests-only``: cut ``--eval-split`` (and ``--heldout-split``, if given) of
+    ``--data-root`` into ``out``, an earlier prepare output, whose features, vocabularies,
+    CMVN and fairseq manifests stay as they are (the models trained on them stay valid)."""
+    recipe = read_recipe(out, "s2t", "prepare --tests-only")
+    if recipe["lang"] != args.lang:
+        raise RECIPE.fail(f"prepare --tests-only: --lang {args.lang}, but {out} was prepared "
+                          f"for {recipe['lang']}")
+    cut_eval_segments(Path(args.data_root), args.lang, args.eval_split, out, args.resample,
+                      args.max_eval, "eval")
+    if args.heldout_split:
+        cut_eval_segments(Path(args.data_root), args.lang, args.heldout_split, out,
+                          args.resample, args.max_eval, "heldout")
+    write_text(out / "recipe.json", json.dumps(
+        {**recipe, "eval": args.eval_split, "heldout": args.heldout_split or recipe["heldout"]})
+        + "\n")
+    log(f"prepare: test sets cut again -> {out}")
 
 
 def cut_eval_segments(data_root: Path, lang: str, split: str, out: Path, resample: bool,
@@ -434,7 +456,7 @@ def demo(args) -> None:
         data_root=str(out / "tts"), lang="de", out=str(out), train_split="train",
         valid_split="dev", eval_split="tst-COMMON", heldout_split=HELDOUT_SPLIT,
         vocab_size_asr=args.vocab_size, vocab_size_st=args.vocab_size, st_vocab_from=None,
-        specaugment=None, resample=False, max_eval=0))
+        specaugment=None, resample=False, max_eval=0, tests_only=False))
     runs = {}
     for task, updates in (("asr", args.asr_updates), ("st", args.st_updates)):
         try:
@@ -475,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "make_tts_corpus.py's held-out voices), for evaluate --test-set heldout")
     p.add_argument("--max-eval", type=int, default=0,
                    help="first N segments of each evaluation split")
+    p.add_argument("--tests-only", action="store_true",
+                   help="only cut the evaluation splits again into --out, an earlier prepare "
+                        "output (its features, vocabularies and CMVN unchanged): e.g. a whole "
+                        "test set synthesised after training")
     p.add_argument("--vocab-size-asr", type=int, default=5000)
     p.add_argument("--vocab-size-st", type=int, help="default 8000")
     p.add_argument("--st-vocab-from", metavar="T2T_DATA",
