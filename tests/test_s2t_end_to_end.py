@@ -380,7 +380,7 @@ def test_a_packaged_model_streams_from_its_folder_alone(demo, tmp_path):
         "checkpoint.pt", "config_st.yaml", "gcmvn.npz", "model.json", "spm_st.model",
         "spm_st.txt"]
     assert json.loads((model / "model.json").read_text()) == {
-        "arch": "leapformer_s2t_waitk_tiny", "encoder_attn_type": "leap",
+        "waitk": 2, "arch": "leapformer_s2t_waitk_tiny", "encoder_attn_type": "leap",
         "decoder_attn_type": "leap", "cross_attn_type": "leap", "leap_feature_map": "hedgehog",
         "waitk_lagging": 2, "frames_per_unit": 3, "num_updates": 12}
     packaged = torch.load(model / "checkpoint.pt", weights_only=False)
@@ -415,23 +415,32 @@ def test_a_packaged_model_streams_from_its_folder_alone(demo, tmp_path):
 
 
 def test_package_and_show_refuse_what_they_cannot_use(demo, tmp_path):
-    """An ASR run and a multi-path run are refused by package; a folder that is not a package
-    is named with the missing file, the demo checking ``--model`` before it trains; show names
-    the transcripts a prepared folder lacks."""
+    """package refuses an ASR run, and a multi-path run without a --waitk of its set (with one,
+    it streams at that k); a folder that is not a package is named with the missing file, the
+    demo checking ``--model`` before it trains; show names the transcripts a prepared folder
+    lacks."""
     recipe = [sys.executable, ROOT / "scripts" / "s2t_recipe.py"]
     multipath = tmp_path / "multipath"
     done = run(speech_train_command(demo, "leapformer_s2t_waitk_tiny", multipath,
                                     "--waitk-lagging", "1-3", "--frames-per-unit", "3"))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    for checkpoint, message in (
-            (demo / "runs" / "asr_leap_k2" / "checkpoint_last.pt",
+    multipath = multipath / "checkpoint_last.pt"
+    for checkpoint, waitk, message in (
+            (demo / "runs" / "asr_leap_k2" / "checkpoint_last.pt", [],
              "is not a train-st run (trained with --config-yaml config_asr.yaml)"),
-            (multipath / "checkpoint_last.pt",
-             "is a multi-path model (wait-k 1-3); package takes a single-k run")):
+            (multipath, [], "was trained at wait-k 1-3; give --waitk K, one of 1,2,3"),
+            (multipath, ["--waitk", "4"], "was trained at wait-k 1-3; give --waitk K, one of"),
+            (demo / "runs" / "st_leap_k2" / "checkpoint_last.pt", ["--waitk", "3"],
+             "was trained at wait-k 2; give --waitk K, one of 2")):
         done = run([*recipe, "package", "--data", demo, "--checkpoint", checkpoint,
-                    "--out", tmp_path / "model"])
+                    "--out", tmp_path / "model", *waitk])
         assert done.returncode != 0 and f"--checkpoint {checkpoint} {message}" in done.stderr
         assert not (tmp_path / "model").exists()
+    done = run([*recipe, "package", "--data", demo, "--checkpoint", multipath,
+                "--out", tmp_path / "model", "--waitk", "2"])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    record = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert (record["waitk"], record["waitk_lagging"]) == (2, "1-3")
     half = tmp_path / "half"
     half.mkdir()
     (half / "model.json").write_text("{}")

@@ -93,7 +93,7 @@ TTS_SETTINGS = ("corpus", "src", "tgt", "per_talk", "voices", "heldout_voices", 
 # a folder of package: the compact checkpoint, its record, and the files config_st.yaml names
 MODEL_CHECKPOINT, MODEL_RECORD = "checkpoint.pt", "model.json"
 MODEL_DATA = ("spm_st.model", "spm_st.txt", "gcmvn.npz")
-# the training options model.json records (besides num_updates)
+# the training options model.json records (besides waitk, the k it streams at, and num_updates)
 MODEL_OPTIONS = ("arch", "encoder_attn_type", "decoder_attn_type", "cross_attn_type",
                  "leap_feature_map", "waitk_lagging", "frames_per_unit")
 SIDE_BY_SIDE_WIDTH = 44  # characters per column of show's transcripts and translations
@@ -327,8 +327,9 @@ def package(args) -> None:
     """``--checkpoint``, an ST run of ``--data``, as a model folder that needs nothing else: the
     checkpoint without optimizer state, in fp16 (:mod:`leapformer_fairseq.compact`), the files
     its data configuration names (SentencePiece model and vocabulary, CMVN) with a
-    ``config_st.yaml`` naming them within the folder, and ``model.json`` (the model's attention,
-    wait-k, unit size and updates) for ``show``."""
+    ``config_st.yaml`` naming them within the folder, and ``model.json`` (the k it streams at,
+    ``--waitk``, one of a multi-path model's; the model's attention, trained k, unit size and
+    updates) for ``show``."""
     data, checkpoint, out = Path(args.data), Path(args.checkpoint), Path(args.out)
     config_path = data / "config_st.yaml"
     for path, flag in ((config_path, "--data"), (checkpoint, "--checkpoint")):
@@ -352,9 +353,14 @@ def package(args) -> None:
     if options.get("config_yaml") != "config_st.yaml":
         raise RECIPE.fail(f"package: --checkpoint {checkpoint} is not a train-st run "
                           f"(trained with --config-yaml {options.get('config_yaml')})")
-    if not isinstance(options.get("waitk_lagging"), int):
-        raise RECIPE.fail(f"package: --checkpoint {checkpoint} is a multi-path model (wait-k "
-                          f"{options.get('waitk_lagging')}); package takes a single-k run")
+    from leapformer_fairseq.models.leapformer_transformer import waitk_lags
+
+    trained = waitk_lags(options.get("waitk_lagging"))
+    waitk = args.waitk if args.waitk is not None else trained[0]
+    if (len(trained) > 1 and args.waitk is None) or waitk not in trained:
+        raise RECIPE.fail(f"package: --checkpoint {checkpoint} was trained at wait-k "
+                          f"{options.get('waitk_lagging')}; give --waitk K, one of "
+                          f"{','.join(map(str, trained))}")
     import torch
 
     from leapformer_fairseq.compact import compact_state
@@ -372,7 +378,7 @@ def package(args) -> None:
     write_text(out / "config_st.yaml", yaml.safe_dump(config, sort_keys=False))
     with atomic_output(out / MODEL_CHECKPOINT) as partial:
         torch.save(compact_state(state, fp16=True), partial)
-    record = {name: options.get(name) for name in MODEL_OPTIONS}
+    record = {"waitk": waitk, **{name: options.get(name) for name in MODEL_OPTIONS}}
     record["num_updates"] = state["optimizer_history"][-1]["num_updates"]
     write_text(out / MODEL_RECORD, json.dumps(record, indent=1) + "\n")
     size = sum(path.stat().st_size for path in out.iterdir()) / 2**20
@@ -400,7 +406,7 @@ def show_model(model: Path, data: Path, output: Path, test_set: str, utterances:
     if not transcripts.is_file():
         raise RECIPE.fail(f"show: missing {transcripts}; run prepare again (it writes the "
                           "transcripts of each test set)")
-    scores = simuleval(data, model / MODEL_CHECKPOINT, output, record["waitk_lagging"],
+    scores = simuleval(data, model / MODEL_CHECKPOINT, output, record["waitk"],
                        segment_ms, utterances, quiet=True, test_set=test_set, model_data=model)
     instances = [json.loads(line) for line in (output / "instances.log").open()]
     pairs = zip(read_lines(transcripts, "s2t"), (item["prediction"] for item in instances))
@@ -417,7 +423,7 @@ def model_title(record: Dict) -> str:
     types = {record[f"{part}_attn_type"] for part in ("encoder", "decoder", "cross")}
     attention = "/".join(sorted(types)) if len(types) > 1 else types.pop()
     attention = {"leap": "LeaP"}.get(attention, attention)
-    return (f"{attention} wait-{record['waitk_lagging']} on units of "
+    return (f"{attention} wait-{record['waitk']} on units of "
             f"{record['frames_per_unit']} encoder frames, {record['num_updates']:,} updates")
 
 
@@ -569,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the prepare --out directory it trained on")
     p.add_argument("--checkpoint", required=True, help="a train-st checkpoint")
     p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--waitk", type=int, help="the k it streams at: one of a multi-path "
+                   "model's (required there); a single-k model's own k by default")
     p.set_defaults(run=package)
 
     p = commands.add_parser("show", help="stream a package folder over a test set, printing "
