@@ -22,6 +22,10 @@ lint: setup
 benchmark: setup
 	$(VENV_PYTHON) benchmarks/attention.py
 
+# demo prints the time it took (setup excluded)
 demo: setup
-	$(VENV_PYTHON) scripts/t2t_recipe.py demo
-	$(VENV_PYTHON) scripts/s2t_recipe.py demo
+	@start=$$(date +%s); \
+	$(VENV_PYTHON) scripts/t2t_recipe.py demo && \
+	$(VENV_PYTHON) scripts/s2t_recipe.py demo && \
+	elapsed=$$(( $$(date +%s) - start )) && \
+	echo "make demo: $$(( elapsed / 60 )) min $$(( elapsed % 60 )) s"
