@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--st-updates", type=int, default=150)
     p.add_argument("--segment-ms", type=int, default=200)
     p.add_argument("--model", help="a package folder to stream over the held-out voices' test "
-                   "pairs after the training run (make demo: data/s2t-model)")
+                   "pairs after the training run")
     p.add_argument("--model-utterances", type=int, default=0,
                    help="--model streams the first N test pairs (0: all --test-pairs)")
     p.set_defaults(run=demo)
