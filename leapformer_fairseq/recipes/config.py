@@ -523,19 +523,29 @@ def quiet_hydra() -> Iterator[None]:
             hydra.setLevel(level)
 
 
-def trained_options(checkpoint: Path) -> Optional[Dict[str, Any]]:
-    """The fairseq-train options ``checkpoint`` was trained with: its ``cfg.model``, which for
-    an argparse arch (all under fairseq-train) is the whole parsed namespace; ``None`` if it
-    records none. A file that does not load raises :class:`ConfigError` naming it."""
+def load_checkpoint(checkpoint: Path) -> Dict[str, Any]:
+    """``checkpoint`` loaded on the CPU, memory-mapped (tensors are read when used). A file that
+    does not load raises :class:`ConfigError` naming it."""
     import torch
 
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # torch raises many kinds for a damaged file
         raise ConfigError(f"{checkpoint}: not a readable fairseq checkpoint "
                           f"({type(error).__name__}: {error})".splitlines()[0]) from None
+
+
+def recorded_options(state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The fairseq-train options a loaded checkpoint ``state`` was trained with: its
+    ``cfg.model``, which for an argparse arch (all under fairseq-train) is the whole parsed
+    namespace; ``None`` if it records none."""
     model = (state.get("cfg") or {}).get("model")
     return plain(vars(model)) if isinstance(model, Namespace) else None
+
+
+def trained_options(checkpoint: Path) -> Optional[Dict[str, Any]]:
+    """:func:`recorded_options` of the file ``checkpoint`` (:func:`load_checkpoint`)."""
+    return recorded_options(load_checkpoint(checkpoint))
 
 
 def built_options(args: Namespace) -> Dict[str, Any]:

@@ -215,11 +215,17 @@ SPECAUGMENT_POLICIES = {
 }
 
 
-def write_config(out: Path, task: str, specaugment: Optional[str] = None) -> None:
-    """fairseq S2T data config: fbank input, the task's SentencePiece model, global CMVN on
-    every split (``feature_transforms`` ``'*'``: fairseq looks a split up by name, then
-    ``_train``/``_eval``, then ``'*'``), then the ``specaugment`` policy's masks on the train
-    split ``train_<task>`` (named, not ``_train``, which fairseq recognises by a name prefix)."""
+def write_config(out: Path, task: str, specaugment: Optional[str] = None,
+                 in_folder: bool = False) -> None:
+    """fairseq S2T data config ``out/config_<task>.yaml``: fbank input, the task's SentencePiece
+    model, global CMVN on every split (``feature_transforms`` ``'*'``: fairseq looks a split up
+    by name, then ``_train``/``_eval``, then ``'*'``), then the ``specaugment`` policy's masks on
+    the train split ``train_<task>`` (named, not ``_train``, which fairseq recognises by a name
+    prefix). The files it names are ``out``'s, by absolute path, or by bare file name with
+    ``in_folder`` (a model folder read from wherever it lies)."""
+    def named(name: str) -> str:
+        return name if in_folder else str((out / name).resolve())
+
     transforms = {"*": ["global_cmvn"]}
     if specaugment:
         transforms = {f"train_{task}": ["global_cmvn", "specaugment"], **transforms}
@@ -228,8 +234,8 @@ def write_config(out: Path, task: str, specaugment: Optional[str] = None) -> Non
         "input_channels": 1,
         "vocab_filename": f"spm_{task}.txt",
         "bpe_tokenizer": {"bpe": "sentencepiece",
-                          "sentencepiece_model": str((out / f"spm_{task}.model").resolve())},
-        "global_cmvn": {"stats_npz_path": str((out / "gcmvn.npz").resolve())},
+                          "sentencepiece_model": named(f"spm_{task}.model")},
+        "global_cmvn": {"stats_npz_path": named("gcmvn.npz")},
         "feature_transforms": transforms,
         **({"specaugment": {"time_warp_W": 0, **SPECAUGMENT_POLICIES[specaugment]}}
            if specaugment else {}),

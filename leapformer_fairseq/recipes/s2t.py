@@ -58,11 +58,12 @@ from leapformer_fairseq.recipes.config import (
     add_shortcuts,
     apply_shortcuts,
     config_from_arguments,
+    load_checkpoint,
     load_config,
+    recorded_options,
     resolve,
     run_label,
     train_run,
-    trained_options,
 )
 from leapformer_fairseq.recipes.mustc import (
     SPECAUGMENT_POLICIES,
@@ -347,9 +348,10 @@ def package(args) -> None:
         if not source.is_file():
             raise RECIPE.fail(f"package: {source}, which {config_path} names, not found")
     try:
-        options = trained_options(checkpoint) or {}
+        state = load_checkpoint(checkpoint)
     except ConfigError as error:
         raise RECIPE.fail(f"package: --checkpoint {error}") from None
+    options = recorded_options(state) or {}
     if options.get("config_yaml") != "config_st.yaml":
         raise RECIPE.fail(f"package: --checkpoint {checkpoint} is not a train-st run "
                           f"(trained with --config-yaml {options.get('config_yaml')})")
@@ -365,17 +367,10 @@ def package(args) -> None:
 
     from leapformer_fairseq.compact import compact_state
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     out.mkdir(parents=True, exist_ok=True)
     for name, source in sources.items():
         shutil.copyfile(source, out / name)
-    config = {**config, "vocab_filename": "spm_st.txt",
-              "bpe_tokenizer": {**config["bpe_tokenizer"], "sentencepiece_model": "spm_st.model"},
-              "global_cmvn": {"stats_npz_path": "gcmvn.npz"},
-              # evaluation reads the '*' transforms; SpecAugment was the train split's only
-              "feature_transforms": {"*": config["feature_transforms"]["*"]}}
-    config.pop("specaugment", None)
-    write_text(out / "config_st.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_config(out, "st", in_folder=True)
     with atomic_output(out / MODEL_CHECKPOINT) as partial:
         torch.save(compact_state(state, fp16=True), partial)
     record = {"waitk": waitk, **{name: options.get(name) for name in MODEL_OPTIONS}}
