@@ -72,6 +72,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ATTENTIONS = {"causal": True, "bidirectional": False}
 BASELINE = "fairseq_softmax"
 DECODE_RUN = 10  # timed decode steps of one method in a row (measure_decode)
+# untimed steps before each run: after softmax's step at 8,192 positions (16 MiB of cache read,
+# 32 MiB written) the next method's steps take about 10 to return to their own speed
+DECODE_WARMUP = 10
 SECTIONS = ("train", "decode", "cutover")
 # the forms the cut-over sweep compares, as the module's short_form_max_length (None: the
 # length measured, so the short form runs)
@@ -244,9 +247,9 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
 
     The methods are timed side by side in one process, in short runs of ``DECODE_RUN`` steps in
     an order shuffled every time (so a slow spell of a shared machine falls on every method
-    alike), each run after one untimed step (so no method pays for the caches the previous
-    method left: softmax's cache at 8,192 positions is 16 MiB), every step from a copy of the
-    state at its position. A step time is the minimum over rounds of the median step.
+    alike), each run after ``DECODE_WARMUP`` untimed steps (so no method pays for the caches
+    the previous method left: softmax's cache at 8,192 positions is 16 MiB), every step from a
+    copy of the state at its position. A step time is the minimum over rounds of the median step.
     """
     torch.set_num_threads(args.decode_threads)
     device, embed_dim, dtype = args.device, args.embed_dim, DTYPES[args.dtype]
@@ -288,7 +291,7 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
                     order.shuffle(shuffled)
                     for method in shuffled:
                         with environment(STEP_BACKEND_VARIABLE, STEP_BACKEND_METHODS.get(method)):
-                            for step in range(DECODE_RUN + 1):
+                            for step in range(DECODE_WARMUP + DECODE_RUN):
                                 step_state = {key: dict(value)
                                               for key, value in states[method, position].items()}
                                 synchronize(device)
@@ -296,7 +299,7 @@ def measure_decode(methods: List[str], positions: List[int], args) -> List[Dict]
                                 modules[method](token, token, token,
                                                 incremental_state=step_state, need_weights=False)
                                 synchronize(device)
-                                if step:  # the first step of a run warms the caches
+                                if step >= DECODE_WARMUP:
                                     times[method].append(time.perf_counter() - start)
                 for method, samples in times.items():
                     rounds[method, position].append(statistics.median(samples))
