@@ -58,6 +58,7 @@ from leapformer_fairseq.recipes.config import (
     changed_options,
     check_option,
     config_path,
+    load_checkpoint,
     load_file,
     parse_set,
     plain,
@@ -428,14 +429,15 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def checkpoint_updates(path: Path) -> int:
-    import torch
-
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = load_checkpoint(path)
+    except ConfigError as error:
+        raise RECIPE.fail(str(error)) from None
+    try:
         return int(state["optimizer_history"][-1]["num_updates"])
-    except Exception as error:  # torch raises many kinds for a damaged file
+    except (KeyError, IndexError, TypeError) as error:  # loads, but records no updates
         raise RECIPE.fail(f"{path}: not a readable fairseq checkpoint "
-                          f"({type(error).__name__}: {error})".splitlines()[0]) from None
+                          f"({type(error).__name__}: {error})") from None
 
 
 def fingerprint(path: Path) -> Dict[str, int]:
